@@ -1,0 +1,1 @@
+"""Template sae-lightning plugin distribution (see docs/writing-a-plugin.md)."""

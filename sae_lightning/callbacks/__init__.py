@@ -1,0 +1,5 @@
+"""Callbacks: they observe and act on the run through Lightning's public hooks only."""
+
+from sae_lightning.callbacks.reference_metrics import ReferenceMetrics
+
+__all__ = ["ReferenceMetrics"]

@@ -1,0 +1,1 @@
+"""Built-in encoders, decoders and sparsity functions, registered through entry points."""

@@ -1,0 +1,41 @@
+"""The standard affine encoder ``W_enc (x - b_dec) + b_enc``."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from sae_lightning.components.base import Encoder
+from sae_lightning.config import PluginConfig
+
+
+class LinearEncoderConfig(PluginConfig):
+    center_input: bool = Field(
+        True, description="subtract the decoder bias b_dec from inputs before encoding"
+    )
+    init_scale: float = Field(
+        1.0, gt=0, description="initial L2 norm of each encoder row (rows start unit-norm x this)"
+    )
+
+
+class LinearEncoder(Encoder):
+    """Affine encoder W_enc x + b_enc, optionally centring inputs by the decoder bias."""
+
+    Config = LinearEncoderConfig
+    config: LinearEncoderConfig
+
+    def __init__(self, config: LinearEncoderConfig, *, d_in: int, d_sae: int) -> None:
+        super().__init__(config, d_in=d_in, d_sae=d_sae)
+        self.center_input = config.center_input
+        w = torch.randn(d_sae, d_in)
+        w = w / w.norm(dim=1, keepdim=True) * config.init_scale
+        self.W_enc = nn.Parameter(w)  # (d_sae, d_in)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (batch, d_in) @ (d_in, d_sae) -> (batch, d_sae)
+        return torch.addmm(self.b_enc, x, self.W_enc.t())
+
+    def weight(self) -> Tensor:
+        return self.W_enc

@@ -1,0 +1,1 @@
+"""DataModules that feed activations to the SAE, registered under ``sae_lightning.datamodules``."""

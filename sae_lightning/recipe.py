@@ -1,0 +1,136 @@
+"""Recipes: safe YAML, dotted command-line overrides, validation that names the YAML field."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sae_lightning.config import RecipeConfig, validate_model
+from sae_lightning.errors import ConfigError, did_you_mean
+
+RESERVED_TRAINER_KEYS = {
+    "logger": "runs log to TensorBoard under <output_dir>/<name>/",
+    "callbacks": "list callback plugins under the recipe's top-level `callbacks:`",
+    "default_root_dir": "set the recipe's `output_dir:`",
+    "plugins": "sae-lightning installs its own checkpoint IO",
+    "enable_checkpointing": "configure the recipe's `checkpoint:` section",
+}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse one recipe file with ``yaml.safe_load`` (no Python object tags)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"file {str(p)!r} not found", "pass a path to a YAML recipe")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(str(p), f"is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            str(p), f"must hold a mapping at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``. A new plugin ``name`` replaces the
+    whole spec, so parameters of the old plugin never leak into the new one."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if (
+            isinstance(old, dict)
+            and isinstance(value, dict)
+            and not ("name" in value and value.get("name") != old.get("name"))
+        ):
+            out[key] = deep_merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (``16`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 as a string; accept scientific notation as a float.
+        try:
+            return float(value) if any(c in value for c in "eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating mappings as needed."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if isinstance(nxt, str) and i >= 1:  # `sparsity: topk` shorthand -> mapping
+            nxt = node[part] = {"name": nxt}
+        if not isinstance(nxt, dict):
+            raise ConfigError(
+                ".".join(parts[: i + 1]),
+                f"is {type(nxt).__name__} {nxt!r}, so --{dotted} cannot set a key inside it",
+            )
+        node = nxt
+    last = parts[-1]
+    old = node.get(last)
+    if last == "name" and isinstance(old, str) and old != value:
+        node.clear()  # switching plugin: drop the old plugin's parameters
+    node[last] = value
+
+
+def load_recipe(
+    configs: Sequence[str | Path] = (), overrides: Iterable[tuple[str, str]] = ()
+) -> RecipeConfig:
+    """Merge recipe files left to right, apply ``(dotted_key, value_text)`` overrides, validate.
+
+    Raises:
+        ConfigError: naming the YAML field (or file) that is wrong.
+    """
+    data: dict[str, Any] = {}
+    for path in configs:
+        data = deep_merge(data, read_yaml(path))
+    for key, text in overrides:
+        apply_override(data, key, parse_value(text))
+    recipe = validate_model(RecipeConfig, data, "")
+    check_trainer_args(recipe.trainer)
+    return recipe
+
+
+def check_trainer_args(trainer_args: dict[str, Any]) -> None:
+    """Reject keys that ``lightning.Trainer`` does not take, or that the recipe sets elsewhere."""
+    from lightning.pytorch import Trainer
+
+    valid = sorted(p for p in inspect.signature(Trainer.__init__).parameters if p != "self")
+    for key in trainer_args:
+        if key in RESERVED_TRAINER_KEYS:
+            raise ConfigError(
+                f"trainer.{key}", "is set by sae-lightning", RESERVED_TRAINER_KEYS[key]
+            )
+        if key not in valid:
+            raise ConfigError(
+                f"trainer.{key}",
+                f"unknown key '{key}'{did_you_mean(key, valid)}",
+                "see lightning.Trainer's arguments",
+            )
+
+
+def dump_recipe(recipe: RecipeConfig) -> str:
+    """The fully resolved recipe as YAML (what ``--print_config`` shows)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,231 @@
+"""From a validated recipe to a trained, exported SAE.
+
+Data flows one way: recipe -> registry -> components -> module -> trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from sae_lightning.callbacks.reference_metrics import ReferenceMetrics
+from sae_lightning.checkpoint_io import AtomicCheckpointIO
+from sae_lightning.config import RecipeConfig, split_spec
+from sae_lightning.errors import ConfigError
+from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
+from sae_lightning.module import SAEModule
+from sae_lightning.registry import registry
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_steps": 1000,
+    "accelerator": "auto",
+    "devices": 1,
+    "val_check_interval": 250,
+    "check_val_every_n_epoch": None,  # the training stream has no epochs
+    "log_every_n_steps": 10,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+
+
+@dataclass
+class Run:
+    """Everything built from one recipe, ready for ``trainer.fit``."""
+
+    recipe: RecipeConfig
+    datamodule: pl.LightningDataModule
+    module: SAEModule
+    trainer: pl.Trainer
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.logger.log_dir)  # type: ignore[union-attr]
+
+
+def resolve_widths(recipe: RecipeConfig, data_d_in: int | None) -> tuple[int, int]:
+    """``(d_in, d_sae)`` from the recipe and the data, checking that they agree."""
+    model = recipe.model
+    d_in = model.d_in
+    data_name, _ = split_spec(recipe.data, "data")
+    if d_in is None:
+        if data_d_in is None:
+            raise ConfigError(
+                "model.d_in",
+                f"is not set and the '{data_name}' data does not declare its width",
+                "set model.d_in to the width of your activations",
+            )
+        d_in = data_d_in
+    elif data_d_in is not None and d_in != data_d_in:
+        raise ConfigError(
+            "model.d_in",
+            f"is {d_in} but the '{data_name}' data yields vectors of width {data_d_in}",
+            f"set model.d_in: {data_d_in}, or remove it to take the data's width",
+        )
+    if model.d_sae is not None:
+        d_sae = model.d_sae
+    else:
+        d_sae = round((model.expansion_factor or 8.0) * d_in)
+    return d_in, d_sae
+
+
+def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bool = True) -> Run:
+    """Build DataModule, module, callbacks, logger and Trainer from ``recipe``.
+
+    Raises:
+        ConfigError: for any invalid plugin, parameter or cross-field combination.
+    """
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
+    d_in, d_sae = resolve_widths(recipe, getattr(datamodule, "d_in", None))
+    model = recipe.model
+    module = SAEModule(
+        d_in=d_in,
+        d_sae=d_sae,
+        encoder=model.encoder,
+        decoder=model.decoder,
+        sparsity=model.sparsity,
+        optimizer=model.optimizer.model_dump(),
+        loss=model.loss.model_dump(),
+    )
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=recipe.checkpoint.every_n_steps,
+            save_top_k=recipe.checkpoint.keep,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+        ReferenceMetrics(),
+        RichProgressBar(leave=True),
+    ]
+    for i, spec in enumerate(recipe.callbacks):
+        callbacks.append(registry.build("callbacks", spec, field=f"callbacks.{i}"))
+    logger: TensorBoardLogger | bool = False
+    if log:
+        logger = TensorBoardLogger(
+            recipe.output_dir, name=recipe.name, version=version, default_hp_metric=False
+        )
+    else:
+        callbacks = [
+            c for c in callbacks if not isinstance(c, ModelCheckpoint | LearningRateMonitor)
+        ]
+    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
+    if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["max_steps"] > 0:
+        trainer_args["val_check_interval"] = min(
+            trainer_args["val_check_interval"], trainer_args["max_steps"]
+        )
+    try:
+        trainer = pl.Trainer(
+            **trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError("trainer", str(err)) from None
+    return Run(recipe, datamodule, module, trainer)
+
+
+def find_last_checkpoint(recipe: RecipeConfig) -> tuple[Path, int]:
+    """The newest ``last.ckpt`` of this recipe's runs, with its logger version."""
+    root = Path(recipe.output_dir) / recipe.name
+    found: list[tuple[int, Path]] = []
+    for d in root.glob("version_*"):
+        m = re.fullmatch(r"version_(\d+)", d.name)
+        ckpt = d / "checkpoints" / "last.ckpt"
+        if m and ckpt.is_file():
+            found.append((int(m.group(1)), ckpt))
+    if not found:
+        raise ConfigError(
+            "--ckpt_path",
+            f"'last' found no checkpoints/last.ckpt under {root}/version_*",
+            "train the recipe first, or pass the path of a .ckpt file",
+        )
+    version, ckpt = max(found)
+    return ckpt, version
+
+
+def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
+    """Train ``recipe`` (resuming from ``ckpt_path`` or ``"last"``), then write the run outputs.
+
+    Returns:
+        The final metrics, also written to ``<run_dir>/metrics.json``.
+    """
+    version: int | None = None
+    resolved: str | None = ckpt_path
+    if ckpt_path == "last":
+        path, version = find_last_checkpoint(recipe)
+        resolved = str(path)
+    elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+        raise ConfigError(
+            "--ckpt_path", f"file {ckpt_path!r} not found", "pass 'last' or a .ckpt path"
+        )
+    run = build_run(recipe, version=version)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resolved)
+    if run.trainer.interrupted:
+        return {}
+    return finish(run)
+
+
+def finish(run: Run) -> dict[str, float]:
+    """Validate once more, then write ``metrics.json`` and export the SAE into the run folder."""
+    train_metrics = {
+        k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("train/")
+    }
+    results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
+    metrics["trainer/global_step"] = float(run.trainer.global_step)
+    if run.trainer.is_global_zero:
+        write_metrics(run.run_dir / METRICS_FILE, metrics)
+        export_sae(run.module.sae, run.run_dir, plugins=run.module.plugin_versions)
+    return metrics
+
+
+def validate(recipe: RecipeConfig, ckpt_path: str | None) -> dict[str, float]:
+    """Evaluate a checkpoint (``None``: the freshly initialised SAE) on the recipe's data."""
+    resolved = ckpt_path
+    if ckpt_path == "last":
+        resolved = str(find_last_checkpoint(recipe)[0])
+    run = build_run(recipe, log=False)
+    results = run.trainer.validate(
+        run.module, datamodule=run.datamodule, ckpt_path=resolved, verbose=False
+    )
+    return {k: float(v) for k, v in results[0].items()}
+
+
+def _expand(group: str, spec: dict[str, Any], field: str) -> dict[str, Any]:
+    name, params = split_spec(spec, field)
+    cls = registry.get_for_field(group, name, field)
+    config = registry.validate_params(cls, params, field)
+    return {"name": name, **config.model_dump(mode="json")}
+
+
+def resolved_recipe(recipe: RecipeConfig) -> RecipeConfig:
+    """``recipe`` with every plugin's defaults and the Trainer defaults filled in."""
+    model = recipe.model.model_copy(
+        update={
+            role: _expand(group, getattr(recipe.model, role), f"model.{role}")
+            for role, group in (
+                ("encoder", "encoders"),
+                ("decoder", "decoders"),
+                ("sparsity", "sparsity"),
+            )
+        }
+    )
+    return recipe.model_copy(
+        update={
+            "model": model,
+            "data": _expand("datamodules", recipe.data, "data"),
+            "trainer": {**TRAINER_DEFAULTS, **recipe.trainer},
+            "callbacks": [
+                _expand("callbacks", s, f"callbacks.{i}") for i, s in enumerate(recipe.callbacks)
+            ],
+        }
+    )

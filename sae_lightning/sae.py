@@ -1,0 +1,130 @@
+"""The plain SAE: encoder + sparsity + decoder composed from registry specs.
+
+This is what ``load_sae`` returns and what the LightningModule trains. It depends only on the
+three plugin protocols in :mod:`sae_lightning.components.base`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sae_lightning.components.base import Codes, Decoder, Encoder, SparsityFn
+from sae_lightning.config import PluginSpec
+from sae_lightning.registry import Registry, registry
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one training forward pass produces."""
+
+    x_hat: Tensor
+    """``(batch, d_in)`` reconstruction."""
+    codes: Codes
+    """Sparse latent activations."""
+    pre_acts: Tensor
+    """``(batch, d_sae)`` encoder output before the sparsity function."""
+    penalties: dict[str, Tensor]
+    """Sparsity penalty terms, already weighted."""
+
+
+class SparseAutoencoder(nn.Module):
+    """An SAE composed of registered plugins.
+
+    Args:
+        d_in: input width.
+        d_sae: number of latents.
+        encoder, decoder, sparsity: recipe specs ``{"name": ..., **params}``.
+        field_prefix: where the specs live in the recipe, for error messages.
+        plugins: the registry to build from (the process-wide one by default).
+
+    Example::
+
+        sae = SparseAutoencoder(64, 512, {"name": "linear"}, {"name": "linear"},
+                                {"name": "topk", "k": 8})
+        x_hat = sae(torch.randn(4, 64))
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        encoder: PluginSpec,
+        decoder: PluginSpec,
+        sparsity: PluginSpec,
+        *,
+        field_prefix: str = "model",
+        plugins: Registry | None = None,
+    ) -> None:
+        super().__init__()
+        reg = plugins or registry
+        self.d_in = d_in
+        self.d_sae = d_sae
+        self.specs: dict[str, PluginSpec] = {
+            "encoder": dict(encoder),
+            "decoder": dict(decoder),
+            "sparsity": dict(sparsity),
+        }
+        self.encoder: Encoder = reg.build(
+            "encoders", encoder, field=f"{field_prefix}.encoder", d_in=d_in, d_sae=d_sae
+        )
+        self.decoder: Decoder = reg.build(
+            "decoders",
+            decoder,
+            field=f"{field_prefix}.decoder",
+            d_in=d_in,
+            d_sae=d_sae,
+            encoder=self.encoder,
+        )
+        self.sparsity: SparsityFn = reg.build(
+            "sparsity", sparsity, field=f"{field_prefix}.sparsity", d_in=d_in, d_sae=d_sae
+        )
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """``(batch, d_in) -> (batch, d_sae)`` encoder output, centring inputs if asked."""
+        if self.encoder.center_input:
+            x = x - self.decoder.b_dec
+        return self.encoder(x)
+
+    def run(self, x: Tensor, *, step: int = 0) -> ForwardOutput:
+        """Encode, sparsify and decode one batch, keeping every intermediate."""
+        pre_acts = self.pre_activations(x)
+        codes, penalties = self.sparsity(pre_acts, step=step, decoder=self.decoder)
+        return ForwardOutput(self.decoder(codes), codes, pre_acts, penalties)
+
+    def encode_codes(self, x: Tensor) -> Codes:
+        """Sparse codes of ``x`` (sparse or dense, whichever the sparsity plugin produces)."""
+        return self.sparsity(self.pre_activations(x), step=0, decoder=self.decoder).codes
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``(batch, d_in) -> (batch, d_sae)`` dense feature activations."""
+        return self.encode_codes(x).dense()
+
+    def decode(self, features: Tensor | Codes) -> Tensor:
+        """Reconstruct from dense ``(batch, d_sae)`` features or from :class:`Codes`."""
+        if not isinstance(features, Codes):
+            features = Codes(features, None, self.d_sae)
+        return self.decoder(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x`` (any leading shape, last dim ``d_in``)."""
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.d_in)
+        return self.decoder(self.encode_codes(flat)).reshape(*lead, self.d_in)
+
+    def atoms(self) -> Tensor:
+        """The ``(d_sae, d_in)`` dictionary."""
+        return self.decoder.atoms()
+
+    def config_dict(self) -> dict[str, Any]:
+        """The specs that rebuild this SAE (see :func:`sae_lightning.io.load_sae`)."""
+        return {"d_in": self.d_in, "d_sae": self.d_sae, **self.specs}
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        self.decoder.before_optimizer_step()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.decoder.after_optimizer_step()
