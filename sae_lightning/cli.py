@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -95,7 +94,7 @@ def _train_or_validate(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
         print(dump_recipe(resolved_recipe(recipe)), end="")
         return 0
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    _quiet_dependencies()
     from sae_lightning import runner
     from sae_lightning.report import print_metrics
 
@@ -108,6 +107,18 @@ def _train_or_validate(args: argparse.Namespace, rest: Sequence[str]) -> int:
     metrics = runner.validate(recipe, args.ckpt_path)
     print_metrics(metrics, title=f"{recipe.name}: validation")
     return 0
+
+
+def _quiet_dependencies() -> None:
+    """Keep the terminal for our progress bar and tables: no dependency banners or warnings."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*litlogger.*")
 
 
 def _plugins(as_json: bool, strict: bool) -> int:

@@ -59,7 +59,7 @@ def config_error_from_validation(
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
-        valid = sorted(model.model_fields)
+        valid = sorted(_model_at(model, first["loc"][:-1]).model_fields)
         return ConfigError(
             field,
             f"unknown key '{key}'{did_you_mean(key, valid)}",
@@ -70,6 +70,17 @@ def config_error_from_validation(
     if first["type"] != "missing":
         message += f", got {got!r}"
     return ConfigError(field, message)
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The (nested) pydantic model that holds the field at ``loc``."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
 
 
 def validate_model(model: type[BaseModel], data: Any, prefix: str) -> Any:

@@ -127,10 +127,18 @@ def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     except KeyError as err:
         raise ConfigError(str(cfg_path), f"missing key {err}") from None
     state = load_file(str(weights_path))
-    missing, unexpected = sae.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
         raise SaeLightningError(
-            f"{weights_path} does not match {cfg_path}: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}"
+            f"{weights_path} does not match {cfg_path}: missing {missing}, "
+            f"unexpected {unexpected}, wrong shapes {wrong}"
         )
+    sae.load_state_dict(state)
     return sae.to(device).eval()

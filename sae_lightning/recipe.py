@@ -90,7 +90,7 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
         node = nxt
     last = parts[-1]
     old = node.get(last)
-    if last == "name" and isinstance(old, str) and old != value:
+    if len(parts) > 1 and last == "name" and isinstance(old, str) and old != value:
         node.clear()  # switching plugin: drop the old plugin's parameters
     node[last] = value
 

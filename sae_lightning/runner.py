@@ -106,8 +106,10 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         ),
         LearningRateMonitor(logging_interval="step"),
         ReferenceMetrics(),
-        RichProgressBar(leave=True),
     ]
+    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
+    if trainer_args.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
     for i, spec in enumerate(recipe.callbacks):
         callbacks.append(registry.build("callbacks", spec, field=f"callbacks.{i}"))
     logger: TensorBoardLogger | bool = False
@@ -119,7 +121,6 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         callbacks = [
             c for c in callbacks if not isinstance(c, ModelCheckpoint | LearningRateMonitor)
         ]
-    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["max_steps"] > 0:
         trainer_args["val_check_interval"] = min(
             trainer_args["val_check_interval"], trainer_args["max_steps"]

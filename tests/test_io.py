@@ -1,0 +1,79 @@
+"""Atomic writes and SAE export/load."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from sae_lightning.errors import SaeLightningError
+from sae_lightning.io import atomic_write, export_sae, load_sae, write_metrics
+from sae_lightning.sae import SparseAutoencoder
+
+
+def make_sae(sparsity=None) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    return SparseAutoencoder(
+        8, 24, {"name": "linear"}, {"name": "linear"}, sparsity or {"name": "topk", "k": 3}
+    )
+
+
+def test_failed_write_keeps_previous_file_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_metrics(target, {"val/fvu": 0.5})
+
+    def explode(fh):
+        fh.write(b'{"partial": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, explode)
+    assert json.loads(target.read_text()) == {"val/fvu": 0.5}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+@pytest.mark.parametrize(
+    "sparsity",
+    [
+        {"name": "topk", "k": 3},
+        {"name": "batchtopk", "k": 3},
+        {"name": "jumprelu", "init_threshold": 0.05},
+        {"name": "relu", "l1_coefficient": 0.01},
+    ],
+)
+def test_export_then_load_reproduces_the_sae(tmp_path, sparsity):
+    sae = make_sae(sparsity)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    sae.eval()
+    export_sae(sae, tmp_path)
+    loaded = load_sae(tmp_path)
+    assert isinstance(loaded, torch.nn.Module) and not loaded.training
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(loaded(x), sae(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=0, atol=0)
+    assert loaded.decode(loaded.encode(x)).shape == (16, 8)
+
+
+def test_load_refuses_unknown_format_and_mismatched_weights(tmp_path):
+    export_sae(make_sae(), tmp_path)
+    cfg = json.loads((tmp_path / "sae_config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "sae_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaeLightningError, match="format_version 99 is not supported"):
+        load_sae(tmp_path)
+    cfg["format_version"] = 1
+    cfg["d_sae"] = 25
+    (tmp_path / "sae_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        SaeLightningError, match=r"wrong shapes \['encoder.W_enc \(24, 8\) != \(25, 8\)"
+    ):
+        load_sae(tmp_path)
+
+
+def test_load_missing_files_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sae_config.json not found"):
+        load_sae(tmp_path)
