@@ -75,5 +75,5 @@ def test_load_refuses_unknown_format_and_mismatched_weights(tmp_path):
 
 
 def test_load_missing_files_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="sae_config.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"sae_config\.json not found"):
         load_sae(tmp_path)

@@ -13,6 +13,7 @@ from sae_lightning.errors import (
     DuplicatePluginError,
     PluginLoadError,
     PluginNotFoundError,
+    RegistryError,
 )
 from sae_lightning.registry import Registry
 
@@ -151,6 +152,6 @@ def test_plugin_params_validated_by_the_plugins_own_schema():
 
 def test_unknown_group_is_explained():
     with pytest.raises(
-        Exception, match="unknown plugin group 'sparsityy'.*did you mean 'sparsity'"
+        RegistryError, match=r"unknown plugin group 'sparsityy'.*did you mean 'sparsity'"
     ):
         Registry().names("sparsityy")
