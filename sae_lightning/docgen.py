@@ -147,7 +147,7 @@ def field_rows(model: type[BaseModel], path: str) -> list[tuple[str, str, str, s
             type_text = "list of plugin specs" if is_list else "plugin spec"
             default = "required" if field.is_required() else _code(render_value(_default(field)))
             spec = description or "`{name: <plugin>, <param>: <value>}`"
-            description = f"{spec}; names a plugin of the `{group}` group (see below)"
+            description = f"{spec}; looked up among the `{group}` plugins (see below)"
         else:
             type_text = _code(render_type(field.annotation))
             constraints = render_constraints(field)

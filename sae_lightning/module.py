@@ -105,7 +105,7 @@ class SAEModule(pl.LightningModule):
             return fvu(x, x_hat)
         return (x - x_hat).pow(2).sum(dim=1).mean()
 
-    def training_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> dict[str, Any]:
         x = _as_tensor(batch)
         out = self.sae.run(x, step=self.global_step)
         recon = self.reconstruction_loss(x, out.x_hat)
@@ -126,7 +126,7 @@ class SAEModule(pl.LightningModule):
         self.log("train/l0", l0, prog_bar=True)
         self.log("train/fvu", batch_fvu)
         self.log(self.dead_key, self.dead_mask().float().mean())
-        return loss
+        return {"loss": loss, "terms": {k: v.detach() for k, v in terms.items()}}
 
     @torch.no_grad()
     def _update_dead_counters(self, fire_counts: Tensor, batch_size: int) -> None:

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from sae_lightning.callbacks.reference_metrics import ReferenceMetrics
+from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
 from sae_lightning.checkpoint_io import AtomicCheckpointIO
 from sae_lightning.config import RecipeConfig, split_spec
 from sae_lightning.errors import ConfigError
@@ -106,6 +106,7 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         ),
         LearningRateMonitor(logging_interval="step"),
         ReferenceMetrics(),
+        NonFiniteGuard(),
     ]
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     if trainer_args.get("enable_progress_bar", True):
