@@ -23,8 +23,8 @@ quickstart: $(STAMP)
 	$(BIN)/sae-lightning fit --config recipes/quickstart.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check sae_lightning plugins tests benchmarks
-	$(BIN)/ruff format --check sae_lightning plugins tests benchmarks
+	$(BIN)/ruff check sae_lightning plugins tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check sae_lightning plugins tests $(wildcard benchmarks)
 
 test: lint
 	$(BIN)/python -m pytest -q

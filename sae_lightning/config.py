@@ -7,9 +7,17 @@ rest of its mapping when the registry builds it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sae_lightning.errors import ConfigError, did_you_mean
 
@@ -26,8 +34,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-PluginSpec = dict[str, Any]
-"""A plugin named in a recipe: ``{"name": <plugin name>, **parameters}``."""
+def _spec_shorthand(value: Any) -> Any:
+    """Accept ``sparsity: topk`` as shorthand for ``sparsity: {name: topk}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+PluginSpec = Annotated[dict[str, Any], BeforeValidator(_spec_shorthand)]
+"""A plugin named in a recipe: ``{"name": <plugin name>, **parameters}`` (or just the name)."""
 
 
 def split_spec(spec: PluginSpec, field: str) -> tuple[str, dict[str, Any]]:
