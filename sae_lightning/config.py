@@ -7,6 +7,7 @@ rest of its mapping when the registry builds it.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,13 +26,13 @@ from sae_lightning.errors import ConfigError, did_you_mean
 class PluginConfig(BaseModel):
     """Base of every plugin's parameters: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StrictModel(BaseModel):
     """Base of the recipe's own sections: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _spec_shorthand(value: Any) -> Any:
@@ -63,12 +64,16 @@ def split_spec(spec: PluginSpec, field: str) -> tuple[str, dict[str, Any]]:
     return name, {k: v for k, v in spec.items() if k != "name"}
 
 
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
 def config_error_from_validation(
     err: ValidationError, prefix: str, model: type[BaseModel]
 ) -> ConfigError:
     """Turn pydantic's first error into a ConfigError naming the dotted YAML field."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    # Drop pydantic's union-branch tags such as 'literal[64,32,16]': they are not YAML keys.
+    loc = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or _KEY.match(str(p)))
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_lightning.errors import ConfigError, SaeLightningError
@@ -23,6 +24,8 @@ from sae_lightning.errors import ConfigError, SaeLightningError
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae_config.json"
 METRICS_FILE = "metrics.json"
+CONFIG_KEY = "sae_lightning_config"
+"""safetensors metadata key holding the same JSON as ``sae_config.json``."""
 FORMAT_VERSION = 1
 
 
@@ -82,9 +85,12 @@ def export_sae(sae: torch.nn.Module, directory: str | os.PathLike[str], **extra:
     config = {"format_version": FORMAT_VERSION, "sae_lightning_version": __version__}
     config.update(sae.config_dict())
     config.update(extra)
+    text = json.dumps(config, indent=2) + "\n"
+    # The weights file carries its own config, so it is self-consistent even if a crash falls
+    # between the two writes; sae_config.json is the human-readable copy.
     with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: text})
+    atomic_write_text(out / CONFIG_FILE, text)
     return out
 
 
@@ -105,10 +111,18 @@ def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     if base.is_file():
         base = base.parent
     cfg_path, weights_path = base / CONFIG_FILE, base / WEIGHTS_FILE
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} not found; load_sae expects a directory from export_sae")
-    config = json.loads(cfg_path.read_text())
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{weights_path} not found; load_sae expects a directory written by export_sae"
+        )
+    with safe_open(str(weights_path), framework="pt") as fh:
+        embedded = (fh.metadata() or {}).get(CONFIG_KEY)
+    if embedded is not None:
+        config = json.loads(embedded)
+    elif cfg_path.is_file():
+        config = json.loads(cfg_path.read_text())
+    else:
+        raise FileNotFoundError(f"{cfg_path} not found and {weights_path} embeds no config")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise SaeLightningError(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, create_model
 
 from sae_lightning.config import RecipeConfig, validate_model
 from sae_lightning.errors import ConfigError, did_you_mean
@@ -109,26 +111,58 @@ def load_recipe(
     for key, text in overrides:
         apply_override(data, key, parse_value(text))
     recipe = validate_model(RecipeConfig, data, "")
-    check_trainer_args(recipe.trainer)
+    recipe.trainer = check_trainer_args(recipe.trainer)
     return recipe
 
 
-def check_trainer_args(trainer_args: dict[str, Any]) -> None:
-    """Reject keys that ``lightning.Trainer`` does not take, or that the recipe sets elsewhere."""
+@functools.cache
+def _trainer_args_model() -> type[BaseModel]:
+    """A pydantic model of ``lightning.Trainer``'s keyword arguments, from its signature."""
     from lightning.pytorch import Trainer
 
-    valid = sorted(p for p in inspect.signature(Trainer.__init__).parameters if p != "self")
+    fields: dict[str, Any] = {}
+    for name, param in inspect.signature(Trainer.__init__).parameters.items():
+        if name == "self" or name in RESERVED_TRAINER_KEYS:
+            continue
+        annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
+        fields[name] = (annotation, param.default)
+    config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", allow_inf_nan=False)
+    return create_model("TrainerArgs", __config__=config, **fields)
+
+
+def check_trainer_args(trainer_args: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``trainer:`` against ``lightning.Trainer``'s signature; return coerced values.
+
+    The SAE stream has no epochs, so training must be bounded by ``max_steps`` and validated
+    every ``val_check_interval`` steps.
+    """
+    model = _trainer_args_model()
+    valid = sorted(model.model_fields)
     for key in trainer_args:
         if key in RESERVED_TRAINER_KEYS:
             raise ConfigError(
                 f"trainer.{key}", "is set by sae-lightning", RESERVED_TRAINER_KEYS[key]
             )
-        if key not in valid:
+        if key not in model.model_fields:
             raise ConfigError(
                 f"trainer.{key}",
                 f"unknown key '{key}'{did_you_mean(key, valid)}",
                 "see lightning.Trainer's arguments",
             )
+    args = validate_model(model, trainer_args, "trainer").model_dump(exclude_unset=True)
+    steps = args.get("max_steps", 1)
+    if steps < 1:
+        raise ConfigError(
+            "trainer.max_steps", f"must be >= 1, got {steps}", "the stream is endless"
+        )
+    interval = args.get("val_check_interval", 1)
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ConfigError(
+            "trainer.val_check_interval",
+            f"must be a whole number of steps >= 1, got {interval!r}",
+            "the training stream has no epochs to take a fraction of",
+        )
+    return args
 
 
 def dump_recipe(recipe: RecipeConfig) -> str:

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
 from sae_lightning.checkpoint_io import AtomicCheckpointIO
 from sae_lightning.config import RecipeConfig, split_spec
+from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule
@@ -135,6 +136,29 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
     return Run(recipe, datamodule, module, trainer)
 
 
+def preflight(run: Run) -> None:
+    """Check the data before any training step: both loaders yield finite ``(batch, d_in)``.
+
+    Raises:
+        ConfigError: naming ``data`` when a loader is empty, has the wrong width or NaN/Inf.
+    """
+    name, _ = split_spec(run.recipe.data, "data")
+    datamodule = run.datamodule
+    datamodule.setup("fit")
+    for split, make in (
+        ("train", datamodule.train_dataloader),
+        ("validation", datamodule.val_dataloader),
+    ):
+        batch = next(iter(make()), None)
+        if batch is None:
+            raise ConfigError("data", f"the '{name}' {split} set is empty", "provide data")
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        try:
+            BatchValidator(run.module.hparams.d_in, "fail", source=f"'{name}' {split} data")(x, 0)
+        except BadBatchError as err:
+            raise ConfigError("data", str(err)) from None
+
+
 def find_last_checkpoint(recipe: RecipeConfig) -> tuple[Path, int]:
     """The newest ``last.ckpt`` of this recipe's runs, with its logger version."""
     root = Path(recipe.output_dir) / recipe.name
@@ -170,6 +194,7 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
             "--ckpt_path", f"file {ckpt_path!r} not found", "pass 'last' or a .ckpt path"
         )
     run = build_run(recipe, version=version)
+    preflight(run)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resolved)
     if run.trainer.interrupted:
         return {}

@@ -7,9 +7,11 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sae_lightning.errors import SaeLightningError
-from sae_lightning.io import atomic_write, export_sae, load_sae, write_metrics
+from sae_lightning.io import CONFIG_KEY, atomic_write, export_sae, load_sae, write_metrics
 from sae_lightning.sae import SparseAutoencoder
 
 
@@ -58,22 +60,47 @@ def test_export_then_load_reproduces_the_sae(tmp_path, sparsity):
     assert loaded.decode(loaded.encode(x)).shape == (16, 8)
 
 
+def rewrite_embedded_config(directory, **changes) -> None:
+    """Re-save sae.safetensors with its embedded config changed."""
+    path = str(directory / "sae.safetensors")
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(path)
+    cfg = json.loads(meta[CONFIG_KEY])
+    cfg.update(changes)
+    meta[CONFIG_KEY] = json.dumps(cfg)
+    save_file(tensors, path, metadata=meta)
+
+
 def test_load_refuses_unknown_format_and_mismatched_weights(tmp_path):
     export_sae(make_sae(), tmp_path)
-    cfg = json.loads((tmp_path / "sae_config.json").read_text())
-    cfg["format_version"] = 99
-    (tmp_path / "sae_config.json").write_text(json.dumps(cfg))
+    rewrite_embedded_config(tmp_path, format_version=99)
     with pytest.raises(SaeLightningError, match="format_version 99 is not supported"):
         load_sae(tmp_path)
-    cfg["format_version"] = 1
-    cfg["d_sae"] = 25
-    (tmp_path / "sae_config.json").write_text(json.dumps(cfg))
+    rewrite_embedded_config(tmp_path, format_version=1, d_sae=25)
     with pytest.raises(
         SaeLightningError, match=r"wrong shapes \['encoder.W_enc \(24, 8\) != \(25, 8\)"
     ):
         load_sae(tmp_path)
 
 
+def test_weights_file_is_self_consistent_even_with_a_stale_json_copy(tmp_path):
+    sae = make_sae()
+    export_sae(sae, tmp_path)
+    (tmp_path / "sae_config.json").write_text(json.dumps({"format_version": 1, "d_in": 3}))
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(load_sae(tmp_path)(x), sae(x))
+
+
+def test_weights_without_embedded_config_fall_back_to_the_json(tmp_path):
+    sae = make_sae()
+    export_sae(sae, tmp_path)
+    path = str(tmp_path / "sae.safetensors")
+    save_file(load_file(path), path)  # no metadata, as a third-party writer would leave it
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(load_sae(tmp_path)(x), sae(x))
+
+
 def test_load_missing_files_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sae_config\.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"sae\.safetensors not found"):
         load_sae(tmp_path)

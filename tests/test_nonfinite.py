@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from sae_lightning.data.validation import BadBatchError
 from sae_lightning.errors import NonFiniteError
 from sae_lightning.module import SAEModule
 from sae_lightning.recipe import load_recipe
@@ -15,9 +17,20 @@ from sae_lightning.runner import build_run
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
-def test_nan_at_step_k_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    k = 13
-    recipe = load_recipe(
+class PoisonWeightAt(pl.Callback):
+    """Puts a NaN into one encoder weight just before step ``step`` runs."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.sae.encoder.W_enc[0, 0] = float("nan")
+
+
+def small_recipe(tmp_path, *extra):
+    return load_recipe(
         [RECIPE],
         [
             ("output_dir", str(tmp_path)),
@@ -30,22 +43,54 @@ def test_nan_at_step_k_stops_with_message_and_keeps_last_good_checkpoint(tmp_pat
             ("trainer.val_check_interval", "40"),
             ("trainer.enable_progress_bar", "false"),
             ("checkpoint.every_n_steps", "5"),
+            *extra,
         ],
     )
-    run = build_run(recipe)
+
+
+def poison_data(run, step: int) -> None:
     clean = run.datamodule.generative.batch
 
     def poisoned(t: int) -> torch.Tensor:
         x = clean(t)
-        if t == k:
+        if t == step:
             x[3, 2] = float("nan")
+            x[5, 0] = float("inf")
         return x
 
     run.datamodule.generative.batch = poisoned
+
+
+def test_nonfinite_inputs_fail_at_the_door_naming_the_batch(tmp_path):
+    run = build_run(small_recipe(tmp_path))
+    poison_data(run, 7)
+    with pytest.raises(BadBatchError) as info:
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert "synthetic data: batch 7 has 2 row(s) with NaN/Inf values" in str(info.value)
+    assert "data.nonfinite: drop" in str(info.value)
+    assert run.trainer.global_step == 7
+
+
+def test_nonfinite_inputs_dropped_and_counted_when_asked(tmp_path):
+    run = build_run(small_recipe(tmp_path, ("data.nonfinite", "drop")))
+    poison_data(run, 7)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 40
+    assert run.datamodule.validator.dropped_rows == 2
+    assert run.datamodule.state_dict()["dropped_rows"] == 2
+    assert all(torch.isfinite(p).all() for p in run.module.parameters())
+
+
+def test_nan_at_step_k_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    k = 13
+    recipe = small_recipe(tmp_path)
+    run = build_run(recipe)
+    run.trainer.callbacks.insert(0, PoisonWeightAt(k))
     with pytest.raises(NonFiniteError) as info:
         run.trainer.fit(run.module, datamodule=run.datamodule)
     message = str(info.value)
     assert f"non-finite loss at step {k} in term(s) reconstruction" in message
+    assert "Likely cause: reconstruction: inputs with NaN/Inf" in message
     assert "--ckpt_path last" in message
     assert run.trainer.global_step == k + 1
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sae_lightning.config import PluginConfig
 from sae_lightning.data.stream import ConsumedBatches, IndexedBatchStream, seeded_generator
+from sae_lightning.data.validation import BatchValidator, NonFinitePolicy
 from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import dictionary_recovery
 
@@ -40,6 +41,9 @@ class SyntheticConfig(PluginConfig):
     val_samples: int = Field(8192, gt=0, description="size of the fixed validation set")
     val_batch_size: int = Field(4096, gt=0, description="validation batch size")
     seed: int | None = Field(None, ge=0, description="data seed; default the recipe's seed")
+    nonfinite: NonFinitePolicy = Field(
+        "fail", description="rows with NaN/Inf: fail the run, or drop them and count them"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SyntheticConfig:
@@ -96,6 +100,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             config, config.seed if config.seed is not None else seed
         )
         self.consumed = ConsumedBatches()
+        self.validator = BatchValidator(config.d, config.nonfinite, source="synthetic data")
         self._val: Tensor | None = None
 
     @property
@@ -128,13 +133,15 @@ class SyntheticDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:
             self.consumed.count += 1
+            return self.validator(batch, self.consumed.count - 1)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return self.consumed.state_dict()
+        return {**self.consumed.state_dict(), **self.validator.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.consumed.load_state_dict(state_dict)
+        self.validator.load_state_dict(state_dict)
 
     def reference_metrics(self, sae: torch.nn.Module) -> dict[str, float]:
         """Recovery of the true dictionary by ``sae.atoms()`` (MMCS, fraction at cos >= 0.9)."""
