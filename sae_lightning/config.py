@@ -7,7 +7,6 @@ rest of its mapping when the registry builds it.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -64,7 +63,22 @@ def split_spec(spec: PluginSpec, field: str) -> tuple[str, dict[str, Any]]:
     return name, {k: v for k, v in spec.items() if k != "name"}
 
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+def _field_path(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The YAML path of a pydantic error location, without union-branch tags like 'str'."""
+    path: list[str] = []
+    for part in loc:
+        if model is not None:
+            field = model.model_fields.get(str(part))
+            if field is None:
+                break
+            path.append(str(part))
+            ann = field.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif isinstance(part, int):
+            path.append(str(part))  # an index into a list or tuple
+        else:
+            break
+    return path
 
 
 def config_error_from_validation(
@@ -72,8 +86,10 @@ def config_error_from_validation(
 ) -> ConfigError:
     """Turn pydantic's first error into a ConfigError naming the dotted YAML field."""
     first = err.errors()[0]
-    # Drop pydantic's union-branch tags such as 'literal[64,32,16]': they are not YAML keys.
-    loc = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or _KEY.match(str(p)))
+    parts = _field_path(model, tuple(first["loc"]))
+    if first["type"] == "extra_forbidden":  # the unknown key itself is not a field
+        parts = [*_field_path(model, tuple(first["loc"][:-1])), str(first["loc"][-1])]
+    loc = ".".join(parts)
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
@@ -83,10 +99,9 @@ def config_error_from_validation(
             f"unknown key '{key}'{did_you_mean(key, valid)}",
             f"valid keys: {', '.join(valid) or '(none)'}",
         )
-    got = first.get("input")
     message = first["msg"]
-    if first["type"] != "missing":
-        message += f", got {got!r}"
+    if first["type"] not in ("missing", "value_error") or first["loc"]:
+        message += f", got {first.get('input')!r}"
     return ConfigError(field, message)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
 from sae_lightning.checkpoint_io import AtomicCheckpointIO
@@ -129,9 +130,14 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         )
     try:
         trainer = pl.Trainer(
-            **trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+            **trainer_args,
+            logger=logger,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            enable_checkpointing=log,
+            default_root_dir=recipe.output_dir,
         )
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, MisconfigurationException) as err:
         raise ConfigError("trainer", str(err)) from None
     return Run(recipe, datamodule, module, trainer)
 
