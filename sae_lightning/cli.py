@@ -13,10 +13,12 @@ cannot make the CLI import arbitrary code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 
+from sae_lightning.commands import COMMAND_MODULES
 from sae_lightning.errors import ConfigError, SaeLightningError
 
 
@@ -64,12 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins")
     p.add_argument("--json", action="store_true", help="JSON with each config's JSON schema")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin fails to load")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     try:
+        if getattr(args, "func", None) is not None:
+            return int(args.func(args, list(rest)))
         if args.command == "plugins":
             if rest:
                 raise ConfigError(rest[0], "unexpected argument for `plugins`")
