@@ -12,12 +12,14 @@ __all__ = [
     "SparseAutoencoder",
     "__version__",
     "export_sae",
+    "load_any",
     "load_sae",
     "registry",
 ]
 
 if TYPE_CHECKING:
     from sae_lightning.errors import ConfigError
+    from sae_lightning.formats import load_any
     from sae_lightning.io import export_sae, load_sae
     from sae_lightning.module import SAEModule
     from sae_lightning.registry import registry
@@ -29,6 +31,7 @@ _LAZY = {
     "SparseAutoencoder": "sae_lightning.sae",
     "export_sae": "sae_lightning.io",
     "load_sae": "sae_lightning.io",
+    "load_any": "sae_lightning.formats",
     "registry": "sae_lightning.registry",
 }
 

@@ -110,6 +110,10 @@ def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     base = Path(path)
     if base.is_file():
         base = base.parent
+    if not (base / CONFIG_FILE).is_file() and (base / "cfg.json").is_file():
+        from sae_lightning.formats import load_any  # a SAELens or sparsify folder
+
+        return load_any(base, device)
     cfg_path, weights_path = base / CONFIG_FILE, base / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(

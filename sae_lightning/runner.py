@@ -96,6 +96,8 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         optimizer=model.optimizer.model_dump(),
         loss=model.loss.model_dump(),
     )
+    from sae_lightning.callbacks.dashboard import monitoring_callbacks
+
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             filename="step{step:07d}",
@@ -109,6 +111,7 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         LearningRateMonitor(logging_interval="step"),
         ReferenceMetrics(),
         NonFiniteGuard(),
+        *monitoring_callbacks(),
     ]
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     if trainer_args.get("enable_progress_bar", True):
@@ -208,13 +211,19 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
 
 
 def finish(run: Run) -> dict[str, float]:
-    """Validate once more, then write ``metrics.json`` and export the SAE into the run folder."""
+    """Validate once more, fill TensorBoard's hparams tab with the recipe and the final metrics,
+    then write ``metrics.json`` and export the SAE into the run folder."""
     train_metrics = {
         k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("train/")
     }
     results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
     metrics["trainer/global_step"] = float(run.trainer.global_step)
+    from sae_lightning.callbacks.dashboard import log_final_hparams
+
+    log_final_hparams(run.trainer, resolved_recipe(run.recipe).model_dump(mode="json"), metrics)
+    if isinstance(run.trainer.logger, TensorBoardLogger):
+        run.trainer.logger.experiment.flush()  # readers see the final summaries at once
     if run.trainer.is_global_zero:
         write_metrics(run.run_dir / METRICS_FILE, metrics)
         export_sae(run.module.sae, run.run_dir, plugins=run.module.plugin_versions)
