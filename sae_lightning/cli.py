@@ -101,17 +101,20 @@ def _train_or_validate(args: argparse.Namespace, rest: Sequence[str]) -> int:
         print(dump_recipe(resolved_recipe(recipe)), end="")
         return 0
     _quiet_dependencies()
+    from lightning.pytorch.utilities import rank_zero_only
+
     from sae_lightning import runner
     from sae_lightning.report import print_metrics
 
     if args.command == "fit":
         metrics = runner.fit(recipe, args.ckpt_path)
-        if metrics:
+        if metrics and rank_zero_only.rank == 0:  # under DDP every rank returns; print once
             print_metrics(metrics, title=f"{recipe.name}: final metrics")
             print(f"\nMonitor with:  tensorboard --logdir {recipe.output_dir}")
         return 0
     metrics = runner.validate(recipe, args.ckpt_path)
-    print_metrics(metrics, title=f"{recipe.name}: validation")
+    if rank_zero_only.rank == 0:
+        print_metrics(metrics, title=f"{recipe.name}: validation")
     return 0
 
 

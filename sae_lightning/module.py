@@ -3,19 +3,31 @@
 Loss = reconstruction + the sparsity plugin's penalties + its auxiliary terms (e.g. AuxK), each
 logged on its own under ``train/loss/<term>``. The module calls only the plugin protocols; the
 hot path keeps counts as tensors and never synchronises with the host.
+
+Under DDP (see docs/multi-gpu.md) every rank computes its loss on its slice of the global batch
+and Lightning averages the gradients. Each loss term is therefore this rank's *share*: a mean
+over the local rows, or a sum divided by this rank's share of the global variance
+(:func:`~sae_lightning.components.base.total_variance_share`), so the average over ranks is the
+term one process computes on the whole batch. The dead-latent counters and the logged training
+metrics are reduced over ranks with one all-reduce per step, so every rank agrees which latents
+are dead and logs global values.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import signal
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
+from sae_lightning.components.base import Touched, data_parallel_world_size, total_variance_share
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
 from sae_lightning.metrics import (
     FeatureDensity,
@@ -25,6 +37,7 @@ from sae_lightning.metrics import (
 )
 from sae_lightning.registry import GROUPS, registry
 from sae_lightning.sae import SparseAutoencoder
+from sae_lightning.versioning import migrate_checkpoint
 
 CHECKPOINT_KEY = "sae_lightning"
 """Key of this package's own entry in Lightning checkpoints (versions of the core and plugins)."""
@@ -47,6 +60,81 @@ def lr_lambda(cfg: OptimizerConfig, total_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return factor
+
+
+def build_optimizer(
+    groups: list[tuple[list[torch.nn.Parameter], OptimizerConfig]], trainer: pl.Trainer
+) -> dict[str, Any]:
+    """Adam(W) with one parameter group and one lr schedule per ``(params, config)`` pair.
+
+    Adam is elementwise, so each group trains exactly as it would in an optimizer of its own.
+    AdamW is used when any group has weight decay; with ``weight_decay=0`` it equals Adam.
+    """
+    params = [p for ps, _ in groups for p in ps]
+    fused_options = {cfg.fused for _, cfg in groups}
+    fused = fused_options.pop() if len(fused_options) == 1 else None
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    decoupled = any(cfg.weight_decay > 0 for _, cfg in groups)
+    opt_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    optimizer = opt_cls(
+        [
+            {
+                "params": ps,
+                "lr": cfg.lr,
+                "betas": cfg.betas,
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay,
+            }
+            for ps, cfg in groups
+        ],
+        fused=fused,
+    )
+    total = trainer.max_steps if trainer.max_steps > 0 else None
+    if total is None:
+        total = int(trainer.estimated_stepping_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lr_lambda(cfg, total) for _, cfg in groups]
+    )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+    }
+
+
+class StepOutput(NamedTuple):
+    """One SAE's training step on one batch."""
+
+    loss: Tensor
+    """The scalar this rank back-propagates (the sum of ``terms``)."""
+    terms: dict[str, Tensor]
+    """Each loss term, this rank's share (see the module docstring)."""
+    metrics: dict[str, Tensor]
+    """Scalars to log, keyed ``train/...``, already reduced over ranks."""
+
+
+class TerminateRanksOnError(pl.Callback):
+    """When rank 0 raises, kill the ranks Lightning's launcher started, so none waits forever.
+
+    Lightning's own launcher stops everything when a child rank fails, but a failure on rank 0
+    leaves its children blocked in the next collective (with NCCL, until the timeout). torchrun
+    and SLURM watch their processes themselves; their launchers have no children to kill.
+    """
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        launcher = trainer.strategy.launcher
+        if launcher is not None and trainer.world_size > 1:
+            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def terminate_ranks_on_error(trainer: pl.Trainer) -> list[pl.Callback]:
+    """``[TerminateRanksOnError()]`` unless ``trainer`` has one (from an earlier fit)."""
+    if any(isinstance(c, TerminateRanksOnError) for c in trainer.callbacks):
+        return []
+    return [TerminateRanksOnError()]
 
 
 class SAEModule(pl.LightningModule):
@@ -94,49 +182,94 @@ class SAEModule(pl.LightningModule):
         self.val_mse = MeanMetric()
         self.val_density = FeatureDensity(d_sae)
 
+    def members(self) -> dict[str, SAEModule]:
+        """The SAEs this module trains, by log prefix (``""``: just this one)."""
+        return {"": self}
+
     # ---- training -------------------------------------------------------------------------
 
-    def dead_mask(self) -> Tensor:
-        """``(d_sae,)`` bool: latents that have not fired in the last ``dead_window_tokens``."""
-        return self.tokens_since_fired >= self.loss_config.dead_window_tokens
+    def dead_mask(self, window_tokens: int | None = None) -> Tensor:
+        """``(d_sae,)`` bool: latents that have not fired in the last ``window_tokens``.
+
+        Args:
+            window_tokens: the window; default ``loss.dead_window_tokens``.
+        """
+        window = self.loss_config.dead_window_tokens if window_tokens is None else window_tokens
+        return self.tokens_since_fired >= window
 
     def reconstruction_loss(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """This rank's reconstruction term (averaged over ranks: the global-batch value)."""
         if self.loss_config.reconstruction == "fvu":
-            return fvu(x, x_hat)
+            return (x - x_hat).pow(2).sum() / total_variance_share(x).clamp_min(1e-12)
         return (x - x_hat).pow(2).sum(dim=1).mean()
 
     def training_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> dict[str, Any]:
-        x = _as_tensor(batch)
-        out = self.sae.run(x, step=self.global_step)
+        out = self.compute_step(as_tensor(batch), step=self.global_step)
+        self.log_metrics(out.metrics)
+        return {"loss": out.loss, "terms": {k: v.detach() for k, v in out.terms.items()}}
+
+    def compute_step(self, x: Tensor, *, step: int) -> StepOutput:
+        """Loss, terms and metrics of one batch; advances the dead-latent counters.
+
+        Under DDP every rank must call it (it holds collectives).
+        """
+        out = self.sae.run(x, step=step)
         recon = self.reconstruction_loss(x, out.x_hat)
         residual = x - out.x_hat.detach()
         aux = self.sae.sparsity.auxiliary_losses(
             out.pre_acts, x, residual, self.sae.decoder, self.dead_mask()
         )
         terms = {"reconstruction": recon, **out.penalties, **aux}
-        loss = torch.stack(list(terms.values())).sum()
-        self._update_dead_counters(out.codes.fire_counts(), x.shape[0])
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
 
         with torch.no_grad():
-            l0 = out.codes.l0().float().mean()
-            batch_fvu = fvu(x, out.x_hat)
-        self.log("train/loss", loss, prog_bar=True)
-        for name, value in terms.items():
-            self.log(f"train/loss/{name}", value)
-        self.log("train/l0", l0, prog_bar=True)
-        self.log("train/fvu", batch_fvu)
-        self.log(self.dead_key, self.dead_mask().float().mean())
-        return {"loss": loss, "terms": {k: v.detach() for k, v in terms.items()}}
+            metrics = {"train/loss": loss.detach()}
+            metrics.update({f"train/loss/{k}": v.detach().float() for k, v in terms.items()})
+            metrics["train/l0"] = out.codes.l0().float().mean()
+            fire_counts = out.codes.fire_counts()
+            n_tokens: int | Tensor = x.shape[0]
+            world = data_parallel_world_size()
+            if world == 1:
+                metrics["train/fvu"] = fvu(x, out.x_hat)
+            else:
+                metrics, fire_counts, n_tokens = _reduce_over_ranks(
+                    x, out.x_hat, metrics, fire_counts, world
+                )
+            self._update_dead_counters(fire_counts, n_tokens)
+            metrics[self.dead_key] = self.dead_mask().float().mean()
+        return StepOutput(loss, terms, metrics)
+
+    def log_metrics(self, metrics: dict[str, Tensor], prefix: str = "") -> None:
+        """Log a step's metrics (already global, so no further sync) under ``prefix``."""
+        for key, value in metrics.items():
+            show = not prefix and key in ("train/loss", "train/l0")
+            self.log(f"{prefix}{key}", value, prog_bar=show)
 
     @torch.no_grad()
-    def _update_dead_counters(self, fire_counts: Tensor, batch_size: int) -> None:
-        n_tokens = batch_size
-        if self.trainer.world_size > 1:  # every rank must agree on which latents are dead
-            fire_counts = self.all_gather(fire_counts).sum(dim=0)
-            n_tokens = batch_size * self.trainer.world_size
+    def _update_dead_counters(self, fire_counts: Tensor, n_tokens: int | Tensor) -> None:
         self.tokens_seen += n_tokens
         fired = fire_counts > 0
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
+    @torch.no_grad()
+    def resample_latents(
+        self, ids: Tensor, directions: Tensor, encoder_norm: Tensor
+    ) -> list[Touched]:
+        """Re-initialise latents ``ids`` (Anthropic resampling) and restart their dead window.
+
+        Args:
+            ids: ``(n,)`` latent ids.
+            directions: ``(n, d_in)`` unit-norm new directions.
+            encoder_norm: scalar, the L2 norm of the new encoder rows.
+
+        Returns:
+            Every parameter slice rewritten, for the caller to reset its optimizer state.
+        """
+        touched = self.sae.encoder.resample_rows(ids, directions, encoder_norm)
+        touched += self.sae.decoder.resample_atoms(ids, directions)
+        touched += self.sae.sparsity.resample_latents(ids)
+        self.tokens_since_fired[ids] = 0
+        return touched
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.before_optimizer_step()
@@ -146,56 +279,56 @@ class SAEModule(pl.LightningModule):
         self.sae.after_optimizer_step()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
-        fused = cfg.fused
-        if fused is None:
-            fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-        optimizer = opt_cls(
-            params,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            fused=fused,
-        )
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        if total is None:
-            total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
-        }
+        return build_optimizer([(params, self.optimizer_config)], self.trainer)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return terminate_ranks_on_error(self.trainer)
 
     # ---- evaluation -----------------------------------------------------------------------
 
     def validation_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> None:
-        x = _as_tensor(batch)
-        out = self.sae.run(x, step=self.global_step)
+        self.update_validation(as_tensor(batch), step=self.global_step)
+
+    def update_validation(self, x: Tensor, *, step: int) -> None:
+        """Accumulate the validation metrics of one batch (torchmetrics, synced over ranks)."""
+        out = self.sae.run(x, step=step)
         self.val_fvu.update(x, out.x_hat)
         self.val_l0.update(out.codes.l0().float())
         self.val_mse.update((x - out.x_hat).pow(2).mean(dim=1))
         self.val_density.update(out.codes.fire_counts(), x.shape[0])
 
-    def on_validation_epoch_end(self) -> None:
+    def validation_results(self) -> tuple[dict[str, Tensor], Tensor]:
+        """``({"val/...": value}, per-latent density)`` over all ranks; resets the metrics."""
         val_fvu = self.val_fvu.compute()
-        self.log("val/fvu", val_fvu, sync_dist=False)
-        self.log("val/explained_variance", 1 - val_fvu, sync_dist=False)
-        self.log("val/l0", self.val_l0.compute())
-        self.log("val/mse", self.val_mse.compute())
         density = self.val_density.compute()
-        self.log("val/dead_fraction_eval", (density == 0).float().mean())
+        results = {
+            "val/fvu": val_fvu,
+            "val/explained_variance": 1 - val_fvu,
+            "val/l0": self.val_l0.compute(),
+            "val/mse": self.val_mse.compute(),
+            "val/dead_fraction_eval": (density == 0).float().mean(),
+        }
+        for metric in (self.val_fvu, self.val_l0, self.val_mse, self.val_density):
+            metric.reset()
+        return results, density
+
+    def on_validation_epoch_end(self) -> None:
+        results, density = self.validation_results()
+        for key, value in results.items():
+            # Already reduced by torchmetrics; sync_dist only averages equal values (and keeps
+            # Lightning from warning that epoch-level metrics are unsynchronised).
+            self.log(key, value, sync_dist=True)
+        self.log_density_histogram(density)
+
+    def log_density_histogram(self, density: Tensor, prefix: str = "") -> None:
+        """log10 feature density to TensorBoard (rank 0); never-firing latents sit at -10."""
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            # log10 feature density; never-firing latents sit at -10 so they stay visible.
             self.logger.experiment.add_histogram(
-                "val/feature_density_log10",
+                f"{prefix}val/feature_density_log10",
                 torch.log10(density.clamp_min(1e-10)).cpu(),
                 self.global_step,
             )
-        for metric in (self.val_fvu, self.val_l0, self.val_mse, self.val_density):
-            metric.reset()
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -204,8 +337,47 @@ class SAEModule(pl.LightningModule):
 
         checkpoint[CHECKPOINT_KEY] = {"version": __version__, "plugins": self.plugin_versions}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Refuse, or migrate, state written by other plugin state versions before it is loaded.
+        plugins = {"encoder": self.sae.encoder, "decoder": self.sae.decoder}
+        plugins["sparsity"] = self.sae.sparsity
+        migrate_checkpoint(checkpoint, self.plugin_versions, plugins)
 
-def _as_tensor(batch: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+
+@torch.no_grad()
+def _reduce_over_ranks(
+    x: Tensor, x_hat: Tensor, metrics: dict[str, Tensor], fire_counts: Tensor, world: int
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One all-reduce: metric means, the global batch FVU, fire counts and token count.
+
+    Returns:
+        ``(metrics with train/fvu, global fire counts, global number of tokens)``.
+    """
+    x64 = x.detach().double()
+    names = list(metrics)
+    n = len(names)
+    packed = torch.cat(
+        [
+            torch.stack([metrics[k].double() for k in names]) / world,
+            (x64 - x_hat.detach().double()).pow(2).sum().view(1),
+            x64.pow(2).sum().view(1),
+            x64.new_tensor([x.shape[0]]),
+            fire_counts.double(),
+            x64.sum(dim=0),
+        ]
+    )
+    dist.all_reduce(packed)
+    sq_err, sum_sq, tokens = packed[n], packed[n + 1], packed[n + 2]
+    counts = packed[n + 3 : n + 3 + fire_counts.numel()]
+    sum_x = packed[n + 3 + fire_counts.numel() :]
+    total_variance = (sum_sq - sum_x.pow(2).sum() / tokens).clamp_min(1e-12)
+    reduced = {k: packed[i].float() for i, k in enumerate(names)}
+    reduced["train/fvu"] = (sq_err / total_variance).float()
+    return reduced, counts.round().long(), tokens.round().long()
+
+
+def as_tensor(batch: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    """The input tensor of a batch (a bare tensor, or the first item of a tuple or list)."""
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
@@ -213,4 +385,9 @@ def _plugin_version(group: str, spec: PluginSpec) -> dict[str, str]:
     name, _ = split_spec(spec, group)
     found = registry.resolve(group, name)
     assert group in GROUPS
-    return {"name": found.name, "distribution": found.dist, "version": found.version}
+    return {
+        "name": found.name,
+        "distribution": found.dist,
+        "version": found.version,
+        "state_version": int(getattr(registry.get(group, name), "state_version", 1)),
+    }

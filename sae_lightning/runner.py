@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
 from sae_lightning.checkpoint_io import AtomicCheckpointIO
 from sae_lightning.config import RecipeConfig, split_spec
+from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
@@ -226,7 +227,11 @@ def finish(run: Run) -> dict[str, float]:
         run.trainer.logger.experiment.flush()  # readers see the final summaries at once
     if run.trainer.is_global_zero:
         write_metrics(run.run_dir / METRICS_FILE, metrics)
-        export_sae(run.module.sae, run.run_dir, plugins=run.module.plugin_versions)
+        # Data modules that normalise activations expose `scale`; fold it into the export so the
+        # exported SAE takes raw activations.
+        scale = float(getattr(run.datamodule, "scale", 1.0))
+        sae = fold_input_scale(run.module.sae, scale) if scale != 1.0 else run.module.sae
+        export_sae(sae, run.run_dir, plugins=run.module.plugin_versions, input_scale=scale)
     return metrics
 
 

@@ -1,7 +1,10 @@
 """The plain SAE: encoder + sparsity + decoder composed from registry specs.
 
 This is what ``load_sae`` returns and what the LightningModule trains. It depends only on the
-three plugin protocols in :mod:`sae_lightning.components.base`.
+three plugin protocols in :mod:`sae_lightning.components.base`, plus one optional method: a
+sparsity plugin with ``fused_encode`` is handed a linear encoder's weights and encodes without
+the dense ``(batch, d_sae)`` pre-activations (see ``docs/architecture.md``, "The sparse TopK
+hot path").
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Codes, Decoder, Encoder, SparsityFn
+from sae_lightning.components.base import Codes, Decoder, Encoder, SparsityFn, SparsityOutput
 from sae_lightning.config import PluginSpec
+from sae_lightning.kernels.topk_encoder import EncoderInputs
 from sae_lightning.registry import Registry, registry
 
 
@@ -23,8 +27,10 @@ class ForwardOutput(NamedTuple):
     """``(batch, d_in)`` reconstruction."""
     codes: Codes
     """Sparse latent activations."""
-    pre_acts: Tensor
-    """``(batch, d_sae)`` encoder output before the sparsity function."""
+    pre_acts: Tensor | None
+    """``(batch, d_sae)`` encoder output before the sparsity function; None when the fused
+    sparse path ran, which never materialises it (``sparsity.auxiliary_losses`` then uses what
+    the plugin's ``fused_encode`` kept)."""
     penalties: dict[str, Tensor]
     """Sparsity penalty terms, already weighted."""
 
@@ -38,6 +44,10 @@ class SparseAutoencoder(nn.Module):
         encoder, decoder, sparsity: recipe specs ``{"name": ..., **params}``.
         field_prefix: where the specs live in the recipe, for error messages.
         plugins: the registry to build from (the process-wide one by default).
+
+    Attributes:
+        fused: use the sparsity plugin's ``fused_encode`` when it has one and the encoder is
+            linear (True by default); False forces the dense reference path.
 
     Example::
 
@@ -80,6 +90,7 @@ class SparseAutoencoder(nn.Module):
         self.sparsity: SparsityFn = reg.build(
             "sparsity", sparsity, field=f"{field_prefix}.sparsity", d_in=d_in, d_sae=d_sae
         )
+        self.fused = True
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """``(batch, d_in) -> (batch, d_sae)`` encoder output, centring inputs if asked."""
@@ -89,13 +100,26 @@ class SparseAutoencoder(nn.Module):
 
     def run(self, x: Tensor, *, step: int = 0) -> ForwardOutput:
         """Encode, sparsify and decode one batch, keeping every intermediate."""
-        pre_acts = self.pre_activations(x)
-        codes, penalties = self.sparsity(pre_acts, step=step, decoder=self.decoder)
+        (codes, penalties), pre_acts = self._sparsify(x, step)
         return ForwardOutput(self.decoder(codes), codes, pre_acts, penalties)
+
+    def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
+        """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
+        fused_encode = getattr(self.sparsity, "fused_encode", None)
+        if self.fused and fused_encode is not None:
+            affine = _affine_weights(self.encoder)
+            if affine is not None:
+                shift = self.decoder.b_dec if self.encoder.center_input else None
+                inputs = EncoderInputs(x, shift, *affine)
+                out = fused_encode(inputs, step=step, decoder=self.decoder)
+                if out is not None:  # a plugin may decline (e.g. in a mode it cannot fuse)
+                    return out
+        pre_acts = self.pre_activations(x)
+        return self.sparsity(pre_acts, step=step, decoder=self.decoder), pre_acts
 
     def encode_codes(self, x: Tensor) -> Codes:
         """Sparse codes of ``x`` (sparse or dense, whichever the sparsity plugin produces)."""
-        return self.sparsity(self.pre_activations(x), step=0, decoder=self.decoder).codes
+        return self._sparsify(x, 0)[0].codes
 
     def encode(self, x: Tensor) -> Tensor:
         """``(batch, d_in) -> (batch, d_sae)`` dense feature activations."""
@@ -128,3 +152,16 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.decoder.after_optimizer_step()
+
+
+def _affine_weights(encoder: Encoder) -> tuple[Tensor, Tensor] | None:
+    """``(W_enc, b_enc)`` when ``encoder(x) == x @ W_enc.T + b_enc``, else None.
+
+    ``Encoder.weight()`` is documented to be non-None only for a linear encoder; the bias is
+    its ``b_enc`` parameter. An encoder without one takes the dense path.
+    """
+    weight = encoder.weight()
+    bias = getattr(encoder, "b_enc", None)
+    if weight is None or not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]:
+        return None
+    return weight, bias

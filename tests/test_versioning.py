@@ -85,3 +85,32 @@ def test_same_state_version_loads_unchanged_across_package_versions():
     before = dict(ckpt["state_dict"])
     migrate_checkpoint(ckpt, current(), {"sparsity": NoHook()})
     assert ckpt["state_dict"] == before
+
+
+def test_real_checkpoint_from_an_older_plugin_state_is_refused_on_load(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sae_lightning.components.sparsity.topk import TopK
+    from sae_lightning.module import SAEModule
+    from sae_lightning.recipe import load_recipe
+    from sae_lightning.runner import fit
+
+    recipe_file = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    overrides = [
+        ("output_dir", str(tmp_path)),
+        ("data.d", "8"),
+        ("data.n_atoms", "32"),
+        ("data.batch_size", "32"),
+        ("data.val_samples", "64"),
+        ("model.d_sae", "16"),
+        ("trainer.max_steps", "4"),
+        ("trainer.val_check_interval", "4"),
+        ("trainer.enable_progress_bar", "false"),
+        ("checkpoint.every_n_steps", "2"),
+    ]
+    fit(load_recipe([recipe_file], overrides))
+    last = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert SAEModule.load_from_checkpoint(last, weights_only=True) is not None
+    monkeypatch.setattr(TopK, "state_version", 2)
+    with pytest.raises(IncompatibleCheckpointError, match="no migrate_state hook"):
+        SAEModule.load_from_checkpoint(last, weights_only=True)

@@ -5,10 +5,13 @@ from sae_lightning.callbacks.dashboard import TensorBoardDashboard, log_final_hp
 from sae_lightning.callbacks.grad_norm import GradNormMonitor
 from sae_lightning.callbacks.nonfinite import NonFiniteGuard
 from sae_lightning.callbacks.reference_metrics import ReferenceMetrics
+from sae_lightning.callbacks.resampling import DeadFeatureResampler, DeadFeatureResamplerConfig
 from sae_lightning.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "AtomImages",
+    "DeadFeatureResampler",
+    "DeadFeatureResamplerConfig",
     "GradNormMonitor",
     "NonFiniteGuard",
     "ReferenceMetrics",

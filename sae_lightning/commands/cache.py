@@ -41,8 +41,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
     if not isinstance(datamodule, ActivationDataModule):
         name, _ = split_spec(recipe.data, "data")
-        raise ConfigError(
-            "data.name", f"is {name!r}; only lm_activations data can be cached"
-        )
+        raise ConfigError("data.name", f"is {name!r}; only lm_activations data can be cached")
     write_cache(datamodule, Console())
     return 0

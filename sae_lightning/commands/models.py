@@ -31,5 +31,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError(rest[0], "unexpected argument for `models prepare`")
     start = time.perf_counter()
     out = prepare(args.model, Path(args.out).expanduser() if args.out else None, force=args.force)
-    print(f"{args.model}: ready at {out} ({time.perf_counter() - start:.0f} s); set data.model: {out}")
+    print(
+        f"{args.model}: ready at {out} ({time.perf_counter() - start:.0f} s); set data.model: {out}"
+    )
     return 0

@@ -2,6 +2,10 @@
 
 Data flows one way: ``x -> Encoder -> pre-activations -> SparsityFn -> Codes -> Decoder -> x_hat``.
 The module only calls the methods defined here; it never checks a plugin's concrete class.
+Plugins that also implement the optional resampling methods (``Encoder.resample_rows``,
+``Decoder.resample_atoms``) can have their dead latents re-initialised by the ``resampler``
+callback. The data-parallel helpers at the end let a plugin compute batch statistics over the
+global batch when it trains under DDP.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from typing import ClassVar, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,10 +71,28 @@ class SparsityOutput(NamedTuple):
     """Penalty terms already multiplied by their coefficients; each is added to the loss."""
 
 
+class Touched(NamedTuple):
+    """A slice of one parameter rewritten in place by resampling.
+
+    The resampler zeroes the optimizer state (Adam moments) of exactly this slice.
+    """
+
+    param: nn.Parameter
+    """The parameter that was modified."""
+    index: Tensor
+    """``(n,)`` long ids along ``dim`` that were rewritten."""
+    dim: int = 0
+    """The dimension ``index`` selects along."""
+
+
 class Plugin:
     """Mixin of every plugin: a pydantic ``Config`` and a one-line docstring description."""
 
     Config: ClassVar[type[PluginConfig]] = PluginConfig
+    state_version: ClassVar[int] = 1
+    """Bump when the meaning or layout of the plugin's state changes; an older checkpoint then
+    loads only through a ``migrate_state(state, from_version) -> state`` classmethod
+    (see :mod:`sae_lightning.versioning`)."""
 
     @classmethod
     def describe(cls) -> str:
@@ -98,6 +121,34 @@ class Encoder(Plugin, nn.Module):
     def weight(self) -> Tensor | None:
         """The ``(d_sae, d_in)`` encoder matrix when the encoder is linear, else None."""
         return None
+
+    def row_norms(self) -> Tensor | None:
+        """``(d_sae,)`` the scale of each latent's encoder row; None when there is none.
+
+        The resampler gives new rows a norm relative to the mean norm of the live ones.
+        """
+        w = self.weight()
+        return None if w is None else w.detach().norm(dim=1)
+
+    @torch.no_grad()
+    def resample_rows(self, ids: Tensor, directions: Tensor, norm: Tensor) -> list[Touched]:
+        """Optional: point the encoder rows ``ids`` along ``directions`` with L2 norm ``norm``.
+
+        Part of the resampling interface (Anthropic, "Towards Monosemanticity"): the encoder
+        row of each dead latent becomes its new direction scaled to ``norm`` and its bias 0.
+
+        Args:
+            ids: ``(n,)`` latent ids to rewrite.
+            directions: ``(n, d_in)`` unit-norm directions, one per id.
+            norm: scalar tensor, the L2 norm to give each new row.
+
+        Returns:
+            Every parameter slice that was rewritten, so its optimizer state can be reset.
+
+        Raises:
+            NotImplementedError: the encoder does not support resampling.
+        """
+        raise NotImplementedError(f"encoder {type(self).__name__} does not implement resample_rows")
 
 
 class Decoder(Plugin, nn.Module):
@@ -138,6 +189,27 @@ class Decoder(Plugin, nn.Module):
         return self.atoms().norm(dim=1)
 
     @torch.no_grad()
+    def resample_atoms(self, ids: Tensor, directions: Tensor) -> list[Touched]:
+        """Optional: set the atoms ``ids`` to the unit-norm ``directions`` (resampling interface).
+
+        Called after :meth:`Encoder.resample_rows` for the same ids.
+
+        Args:
+            ids: ``(n,)`` latent ids to rewrite.
+            directions: ``(n, d_in)`` unit-norm directions, one per id.
+
+        Returns:
+            Every parameter slice that was rewritten (empty when the atoms live elsewhere, as
+            for tied weights).
+
+        Raises:
+            NotImplementedError: the decoder does not support resampling.
+        """
+        raise NotImplementedError(
+            f"decoder {type(self).__name__} does not implement resample_atoms"
+        )
+
+    @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Adjust gradients before the optimizer step (e.g. project out radial components)."""
 
@@ -171,3 +243,58 @@ class SparsityFn(Plugin, nn.Module):
             dead: ``(d_sae,)`` bool mask of latents that have not fired recently.
         """
         return {}
+
+    @torch.no_grad()
+    def resample_latents(self, ids: Tensor) -> list[Touched]:
+        """Reset per-latent state of resampled latents (e.g. thresholds); default: none.
+
+        Returns:
+            Every parameter slice that was rewritten, so its optimizer state can be reset.
+        """
+        return []
+
+
+def supports_resampling(encoder: Encoder, decoder: Decoder) -> list[str]:
+    """The resampling methods ``encoder`` and ``decoder`` lack (empty: resampling works)."""
+    missing = []
+    if type(encoder).resample_rows is Encoder.resample_rows:
+        missing.append(f"encoder {type(encoder).__name__}.resample_rows")
+    elif encoder.row_norms() is None:
+        missing.append(f"encoder {type(encoder).__name__}.row_norms")
+    if type(decoder).resample_atoms is Decoder.resample_atoms:
+        missing.append(f"decoder {type(decoder).__name__}.resample_atoms")
+    return missing
+
+
+# ---- data parallelism ----------------------------------------------------------------------
+
+
+def data_parallel_world_size() -> int:
+    """Number of processes training together (1 without an initialised process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def total_variance_share(x: Tensor) -> Tensor:
+    """This rank's share of the global batch's total variance ``sum ||x - mean(x)||^2``.
+
+    DDP averages gradients over ranks, so a per-rank loss ``err_r / total_variance_share(x_r)``
+    with ``err_r`` a sum over the local rows equals, on average over ranks, the global
+    ``sum err / total variance``: what one process sees on the whole batch. With one process
+    this is the plain total variance of ``x``. Under DDP it is a collective (two all-reduces
+    of ``d_in + 1`` floats): every rank must call it.
+
+    Args:
+        x: ``(batch, d_in)`` this rank's rows; treated as data (no gradient flows).
+    """
+    x = x.detach()
+    world = data_parallel_world_size()
+    if world == 1:
+        return (x - x.mean(dim=0)).pow(2).sum()
+    stats = torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])])
+    dist.all_reduce(stats)
+    mean = stats[:-1] / stats[-1]
+    variance = (x - mean).pow(2).sum()
+    dist.all_reduce(variance)
+    return variance / world

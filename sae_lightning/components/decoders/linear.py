@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Decoder, Encoder
+from sae_lightning.components.base import Decoder, Encoder, Touched
 from sae_lightning.config import PluginConfig
 
 
@@ -50,6 +50,11 @@ class LinearDecoder(Decoder):
         if self.config.unit_norm:
             return self.W_dec.new_ones(self.d_sae)
         return self.W_dec.norm(dim=1)
+
+    @torch.no_grad()
+    def resample_atoms(self, ids: Tensor, directions: Tensor) -> list[Touched]:
+        self.W_dec[ids] = directions.to(self.W_dec.dtype)
+        return [Touched(self.W_dec, ids)]
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

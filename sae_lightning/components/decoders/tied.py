@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Decoder, Encoder
+from sae_lightning.components.base import Decoder, Encoder, Touched
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 
@@ -51,3 +51,12 @@ class TiedDecoder(Decoder):
         if self.config.normalize:
             return self._encoder_ref[0].weight().new_ones(self.d_sae)
         return super().atom_norms()
+
+    @torch.no_grad()
+    def resample_atoms(self, ids: Tensor, directions: Tensor) -> list[Touched]:
+        """Nothing to write: the atoms are the encoder rows that ``resample_rows`` just set.
+
+        With ``normalize`` the new atoms are exactly ``directions``; without it they keep the
+        encoder rows' norm.
+        """
+        return []

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Encoder
+from sae_lightning.components.base import Encoder, Touched
 from sae_lightning.config import PluginConfig
 
 
@@ -39,3 +39,9 @@ class LinearEncoder(Encoder):
 
     def weight(self) -> Tensor:
         return self.W_enc
+
+    @torch.no_grad()
+    def resample_rows(self, ids: Tensor, directions: Tensor, norm: Tensor) -> list[Touched]:
+        self.W_enc[ids] = directions.to(self.W_enc.dtype) * norm
+        self.b_enc[ids] = 0.0
+        return [Touched(self.W_enc, ids), Touched(self.b_enc, ids)]

@@ -3,7 +3,12 @@
 Shared by the TopK family. The top ``k_aux`` pre-activations among dead latents decode the
 residual ``e = x - x_hat`` (no bias: the residual already excludes it). The term is normalised by
 the batch's total variance and scaled by ``min(n_dead / k_aux, 1)`` as sparsify and SAELens do.
-Nothing here synchronises with the host: with no dead latent the term is exactly zero.
+Under DDP the normaliser is this rank's share of the global batch's variance
+(``total_variance_share``), so the average over ranks is the one-process term.
+The dense form (:func:`auxk_loss`) never synchronises with the host: with no dead latent the
+term is exactly zero. The fused form (:func:`fused_auxk_loss`), used when the TopK forward ran
+sparse, reads the number of dead latents (free on CPU, one host sync on accelerators) so that it
+can skip the term outright or multiply the encoder by the dead latents' rows only.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import Codes, Decoder
+from sae_lightning.components.base import Codes, Decoder, total_variance_share
 from sae_lightning.config import PluginConfig
+from sae_lightning.kernels.topk_encoder import EncoderInputs, topk_encode
 
 
 class AuxKConfig(PluginConfig):
@@ -47,5 +53,33 @@ def auxk_loss(
     e_hat = decoder.decode_without_bias(Codes(values, indices, pre_acts.shape[1]))
     n_dead = dead.sum().to(pre_acts.dtype)
     scale = (n_dead / k_aux).clamp(max=1.0)
-    total_variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    total_variance = total_variance_share(x).clamp_min(1e-12)
+    return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+
+
+def fused_auxk_loss(
+    inputs: EncoderInputs, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor, k_aux: int
+) -> Tensor:
+    """:func:`auxk_loss` without the ``(batch, d_sae)`` pre-activations.
+
+    The pre-activations of the dead latents alone are recomputed from the encoder's inputs, in
+    row chunks, and their top ``k_aux`` per row go through the same sparse autograd function as
+    the TopK forward; the cost is ``n_dead / d_sae`` of the encoder product, nothing when none
+    is dead. The result equals :func:`auxk_loss` on the full pre-activations.
+
+    Args:
+        inputs: the encoder inputs kept by the fused forward of this step.
+        x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
+    """
+    d_sae = dead.shape[0]
+    k_aux = min(k_aux, d_sae)
+    rows = dead.nonzero().squeeze(1)  # (n_dead,) latent ids; host sync on accelerators
+    n_dead = rows.numel()
+    if n_dead == 0:
+        return x.new_zeros(())
+    # (batch, min(k_aux, n_dead)) pre-activations and global latent ids
+    values, indices = topk_encode(inputs, min(k_aux, n_dead), rows=rows)
+    e_hat = decoder.decode_without_bias(Codes(values, indices, d_sae))
+    scale = min(n_dead / k_aux, 1.0)
+    total_variance = total_variance_share(x).clamp_min(1e-12)
     return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance

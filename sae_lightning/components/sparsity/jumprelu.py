@@ -7,6 +7,9 @@ kernel ``K(u) = 1[-1/2 < u < 1/2]`` of bandwidth ``eps``:
 - ``d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps)``;
   ``d JumpReLU / d z = H(z - theta)``
 - ``d H / d theta = -(1 / eps) K((z - theta) / eps)``; no gradient to ``z`` through the step.
+
+Under DDP the thresholds are parameters like any other: their gradients (local batch means) are
+averaged over ranks, so every rank holds the same thresholds as one process would.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput
+from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput, Touched
 from sae_lightning.components.sparsity.relu import warmup_factor
 from sae_lightning.config import PluginConfig
 
@@ -53,7 +56,8 @@ class StepFunction(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.bandwidth = bandwidth
-        return (z > theta).to(z.dtype)
+        # In theta's precision (fp32 under bf16 autocast), so L0 counts stay exact.
+        return (z > theta).to(torch.promote_types(z.dtype, theta.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -96,3 +100,9 @@ class JumpReLU(SparsityFn):
         l0 = StepFunction.apply(pre_acts, theta, eps).sum(dim=1).mean()
         coeff = self.config.l0_coefficient * warmup_factor(step, self.config.warmup_steps)
         return SparsityOutput(Codes(acts, None, self.d_sae), {"l0": coeff * l0})
+
+    @torch.no_grad()
+    def resample_latents(self, ids: Tensor) -> list[Touched]:
+        """Resampled latents start again from ``init_threshold``."""
+        self.log_threshold[ids] = math.log(self.config.init_threshold)
+        return [Touched(self.log_threshold, ids)]

@@ -1,0 +1,482 @@
+"""Time the project's training step against its floor, the encoder product alone.
+
+One step is what ``SAEModule.training_step`` and the optimizer hooks do, without Lightning:
+forward, reconstruction + penalty + auxiliary losses, dead-latent counters, backward, the
+decoder's gradient projection, Adam (fused, as the module configures it) and the unit-norm
+constraint. The floor is ``addmm(b_enc, x, W_enc.T)`` into a preallocated output, the one dense
+product a TopK SAE cannot avoid. Both are timed in alternating rounds in one process, so a
+change in machine load moves both; ``ratio_to_floor`` is the median of the per-round ratios.
+
+    python benchmarks/train_step.py --plugin topk --d-in 768 --n-latents 16384 --k 32 \\
+        --batch 4096 --steps 10 --threads 2 [--through-trainer] [--dense]
+    python benchmarks/train_step.py --device cuda --dtype bf16 --peak-tflops 989
+
+Prints ``key=value`` lines (``tokens_per_s=``, ``peak_mem_mb=``, ...) and ends with
+``ratio_to_floor=<float>``. Times are medians over rounds; the ``best_*`` lines give the fastest
+round of each, the least disturbed by other processes on a shared machine. ``peers.py``
+imports the helpers below for its side-by-side table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_args(p)
+    p.add_argument("--plugin", default="topk", help="sparsity plugin: topk, batchtopk, relu, ...")
+    p.add_argument(
+        "--path",
+        choices=["fused", "dense"],
+        default="fused",
+        help="fused: the sparse TopK path (when the plugin has one); dense: the reference path",
+    )
+    p.add_argument("--dense", action="store_true", help="also time the dense reference path")
+    p.add_argument(
+        "--through-trainer",
+        action="store_true",
+        help="also train through Lightning (runner.build_run) on in-memory activations",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also time the alternatives for the selection and the sparse weight gradient",
+    )
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak, for a fraction")
+    return p.parse_args(argv)
+
+
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared with ``peers.py``: shapes, steps, device, dtype, threads."""
+    p.add_argument("--d-in", type=int, default=768)
+    p.add_argument("--n-latents", type=int, default=16384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (each: floor + step)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of latents held dead, so AuxK does work (0: none, as in a fresh run)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ---- environment, data, timing, memory --------------------------------------------------------
+
+
+def setup_torch(args: argparse.Namespace) -> Any:
+    """Import torch with the requested threads; returns ``(torch, device, dtype)``."""
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return torch, torch.device(args.device), getattr(torch, DTYPES[args.dtype])
+
+
+def make_batches(args: argparse.Namespace, device: Any, dtype: Any, n: int = 4) -> list[Any]:
+    """``n`` batches of synthetic activations (sparse superposition, known dictionary).
+
+    Every contender of ``peers.py`` draws the same batches from the same seed.
+    """
+    import torch
+
+    from sae_lightning.data.synthetic import SparseGenerativeModel, SyntheticConfig
+
+    cfg = SyntheticConfig(d=args.d_in, n_active=16, batch_size=args.batch)
+    model = SparseGenerativeModel(cfg, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    return [model.sample(args.batch, g).to(device=device, dtype=dtype) for _ in range(n)]
+
+
+def dead_mask(args: argparse.Namespace, device: Any) -> Any:
+    """``(n_latents,)`` bool: the first ``dead_fraction`` of latents, held dead every step."""
+    import torch
+
+    mask = torch.zeros(args.n_latents, dtype=torch.bool, device=device)
+    mask[: int(args.dead_fraction * args.n_latents)] = True
+    return mask
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_rounds(
+    fns: dict[str, Callable[[], Any]], rounds: int, device: Any
+) -> dict[str, list[float]]:
+    """Run every function once per round, in turn, and return each one's seconds per call."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+class MemoryMeter:
+    """Peak memory of a phase, above a baseline taken before anything of a contender exists.
+
+    CPU: the process's peak resident set (``VmHWM``), reset through ``/proc/self/clear_refs``.
+    CUDA: the allocator's ``max_memory_allocated``.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.baseline = self._current()
+
+    def _current(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _proc_status_mb("VmRSS")
+
+    def reset(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = _proc_status_mb("VmHWM")
+        return peak - self.baseline
+
+
+def _proc_status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(f"{key} missing from /proc/self/status (memory needs Linux)")
+
+
+def measure_peak(meter: MemoryMeter, step: Callable[[], Any], device: Any, n: int = 2) -> float:
+    meter.reset()
+    for _ in range(n):
+        step()
+    sync(device)
+    return meter.peak_mb()
+
+
+class Floor:
+    """The encoder product alone: ``addmm(b_enc, x, W_enc.T)`` into a preallocated output."""
+
+    def __init__(self, args: argparse.Namespace, x: Any) -> None:
+        import torch
+
+        self.x = x
+        self.w = torch.randn(args.n_latents, args.d_in, device=x.device, dtype=x.dtype)
+        self.b = torch.zeros(args.n_latents, device=x.device, dtype=x.dtype)
+        self.out = torch.empty(args.batch, args.n_latents, device=x.device, dtype=x.dtype)
+
+    def __call__(self) -> None:
+        import torch
+
+        torch.addmm(self.b, self.x, self.w.t(), out=self.out)
+
+
+# ---- the project's step -----------------------------------------------------------------------
+
+
+def sparsity_spec(args: argparse.Namespace) -> dict[str, Any]:
+    if args.plugin in ("topk", "batchtopk"):
+        return {"name": args.plugin, "k": args.k}
+    return {"name": args.plugin}
+
+
+def build_module(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
+    from sae_lightning.module import SAEModule
+
+    module = SAEModule(
+        args.d_in,
+        args.n_latents,
+        {"name": "linear"},
+        {"name": "linear"},
+        sparsity_spec(args),
+        optimizer={"lr": args.lr},
+    )
+    return module.to(device=device, dtype=dtype)
+
+
+class ProjectStep:
+    """``SAEModule.compute_step`` (what ``training_step`` runs before logging) + backward +
+    the optimizer hooks, called directly (no Lightning).
+
+    The optimizer is the one ``SAEModule.configure_optimizers`` builds: Adam, fused where the
+    device supports it. ``fused`` selects the sparse TopK path or the dense reference path.
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, batches: list[Any], *, fused: bool, compile: bool = False
+    ) -> None:
+        import torch
+
+        self.batches = batches
+        self.device = batches[0].device
+        self.module = build_module(args, self.device, batches[0].dtype)
+        self.sae = self.module.sae
+        self.sae.fused = fused
+        cfg = self.module.optimizer_config
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
+        self.dead = dead_mask(args, self.device)
+        self.t = 0
+        self.losses = torch.compile(self._losses) if compile else self._losses
+
+    def _losses(self, x: Any) -> Any:
+        # The module's own step: forward, loss terms, metrics and dead-latent counters.
+        return self.module.compute_step(x, step=self.t).loss
+
+    def __call__(self) -> Any:
+        x = self.batches[self.t % len(self.batches)]
+        if self.dead.any():  # hold the chosen latents dead, so that AuxK has work
+            self.module.tokens_since_fired.masked_fill_(self.dead, 2**40)
+        loss = self.losses(x)
+        loss.backward()
+        self.sae.before_optimizer_step()
+        self.optimizer.step()
+        self.sae.after_optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.t += 1
+        return loss
+
+
+# ---- through Lightning ------------------------------------------------------------------------
+
+
+def trainer_tokens_per_s(args: argparse.Namespace, batches: list[Any]) -> float:
+    """Train through ``runner.build_run`` (as ``sae-lightning fit`` does) on in-memory batches.
+
+    The run has the fit command's callbacks, TensorBoard logger and progress bar; validation and
+    periodic checkpoints are pushed past the timed window. Tokens/s is measured between the ends
+    of step ``warmup`` and of the last step.
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from sae_lightning.config import RecipeConfig
+    from sae_lightning.runner import build_run
+
+    device = batches[0].device
+    total = args.warmup + args.steps + 1
+
+    class Cycle(IterableDataset):
+        def __iter__(self) -> Iterator[Any]:
+            i = 0
+            while True:
+                yield batches[i % len(batches)]
+                i += 1
+
+    class InMemory(pl.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(Cycle(), batch_size=None, num_workers=0)
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_batch_end(self, trainer: Any, *rest: Any) -> None:
+            sync(device)
+            self.stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = RecipeConfig.model_validate(
+            {
+                "name": "bench",
+                "seed": args.seed,
+                "output_dir": tmp,
+                "model": {
+                    "d_in": args.d_in,
+                    "d_sae": args.n_latents,
+                    "sparsity": sparsity_spec(args),
+                    "optimizer": {"lr": args.lr},
+                },
+                "data": {"name": "synthetic", "d": args.d_in, "batch_size": args.batch},
+                "trainer": {
+                    "max_steps": total,
+                    "accelerator": "gpu" if device.type == "cuda" else "cpu",
+                    "val_check_interval": total + 1,
+                    "limit_val_batches": 0,
+                    "precision": {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true"}[
+                        args.dtype
+                    ],
+                },
+                "checkpoint": {"every_n_steps": total + 1},
+            }
+        )
+        run = build_run(recipe)
+        clock = Clock()
+        run.trainer.callbacks.append(clock)
+        run.trainer.fit(run.module, datamodule=InMemory())
+    stamps = clock.stamps[args.warmup :]
+    return args.batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+# ---- kernel alternatives ----------------------------------------------------------------------
+
+
+def kernel_timings(args: argparse.Namespace, x: Any, rounds: int) -> dict[str, float]:
+    """Median seconds of the selection and weight-gradient alternatives on the step's shapes.
+
+    Weight gradient: ``grad_W[i] = sum over (b, j) with idx[b, j] == i of g[b, j] x[b]``.
+    """
+    import torch
+
+    from sae_lightning.kernels.topk_encoder import sparse_weight_grad, topk_select
+
+    n, k, batch = args.n_latents, args.k, args.batch
+    pre = torch.randn(batch, n, device=x.device, dtype=x.dtype)
+    idx = pre.topk(k, dim=1).indices  # (batch, k)
+    g = torch.randn(batch, k, device=x.device, dtype=x.dtype)
+
+    def sparsify_index_add() -> Any:  # sparsify 1.3.3's FusedEncoder.backward
+        out = torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype)
+        contributions = (g.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, x.shape[1])  # (b*k, d)
+        return out.index_add_(0, idx.flatten(), contributions)
+
+    def index_add_by_column() -> Any:  # k index_add_ calls of (batch, d) each
+        out = torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype)
+        for j in range(k):
+            out.index_add_(0, idx[:, j], x * g[:, j : j + 1])
+        return out
+
+    def csr_matmul() -> Any:  # (n, batch) CSR of g, sorted by latent, times x
+        rows = idx.reshape(-1)
+        order = rows.argsort()
+        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+        crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+        cols = torch.div(order, k, rounding_mode="floor")
+        a = torch.sparse_csr_tensor(
+            crow, cols, g.reshape(-1)[order], (n, batch), check_invariants=False
+        )
+        return a @ x
+
+    fns = {
+        "select_torch_topk": lambda: pre.topk(k, dim=1, sorted=False),
+        "select_topk_select": lambda: topk_select(pre, k),
+        "wgrad_sorted_embedding_bag": lambda: sparse_weight_grad(idx, g, x, n),
+        "wgrad_sparsify_index_add": sparsify_index_add,
+        "wgrad_index_add_by_column": index_add_by_column,
+        "wgrad_csr_matmul": csr_matmul,
+    }
+    expected = sparse_weight_grad(idx, g, x, n)
+    for name in ("wgrad_sparsify_index_add", "wgrad_index_add_by_column", "wgrad_csr_matmul"):
+        got = fns[name]()
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), name
+    times = timed_rounds(fns, rounds, x.device)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def emit(key: str, value: Any) -> None:
+    print(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch, device, dtype = setup_torch(args)
+    emit("device", device.type)
+    emit("threads", torch.get_num_threads())
+    emit("dtype", args.dtype)
+    emit("plugin", args.plugin)
+    emit("path", args.path)
+    emit("shape", f"d_in={args.d_in},n_latents={args.n_latents},k={args.k},batch={args.batch}")
+    emit("thp_mem_alloc", os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
+
+    meter = MemoryMeter(device)
+    batches = make_batches(args, device, dtype)
+    step = ProjectStep(args, batches, fused=args.path == "fused", compile=args.compile)
+    for _ in range(args.warmup):
+        step()
+    peak = measure_peak(meter, step, device)
+
+    floor = Floor(args, batches[0])
+    contenders: dict[str, Callable[[], Any]] = {"floor": floor, "step": step}
+    if args.dense:
+        dense = ProjectStep(args, batches, fused=False)
+        for _ in range(max(1, args.warmup - 1)):
+            dense()
+        contenders["dense"] = dense
+    times = timed_rounds(contenders, args.steps, device)
+
+    floor_s = statistics.median(times["floor"])
+    step_s = statistics.median(times["step"])
+    ratio = statistics.median(f / s for f, s in zip(times["floor"], times["step"], strict=True))
+    flops = 2 * args.batch * args.d_in * args.n_latents
+    emit("floor_s", floor_s)
+    emit("floor_tokens_per_s", args.batch / floor_s)
+    emit("step_s", step_s)
+    emit("best_floor_s", min(times["floor"]))
+    emit("best_step_s", min(times["step"]))
+    emit("best_ratio_to_floor", min(times["floor"]) / min(times["step"]))
+    if args.dense:
+        dense_s = statistics.median(times["dense"])
+        emit("dense_step_s", dense_s)
+        emit("dense_tokens_per_s", args.batch / dense_s)
+        emit("speedup_over_dense", dense_s / step_s)
+    if args.peak_tflops:
+        emit("floor_fraction_of_peak", flops / floor_s / 1e12 / args.peak_tflops)
+        emit("step_fraction_of_peak", flops / step_s / 1e12 / args.peak_tflops)
+    if args.kernels:
+        for name, seconds in kernel_timings(args, batches[0], args.steps).items():
+            emit(f"kernel_{name}_s", seconds)
+    if args.through_trainer:
+        trainer = trainer_tokens_per_s(args, batches)
+        # The bare step again after the trainer run: the reference is the mean of before and
+        # after, so that a change in machine load during the run moves both sides.
+        after_s = statistics.median(timed_rounds({"step": step}, args.steps, device)["step"])
+        bare = args.batch / ((step_s + after_s) / 2)
+        emit("bare_tokens_per_s_after", args.batch / after_s)
+        emit("trainer_tokens_per_s", trainer)
+        emit("trainer_ratio_to_bare", trainer / bare)
+    emit("tokens_per_s", args.batch / step_s)
+    emit("peak_mem_mb", peak)
+    emit("ratio_to_floor", ratio)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

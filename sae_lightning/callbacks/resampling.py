@@ -1,0 +1,306 @@
+"""Dead-latent resampling (Anthropic, "Towards Monosemanticity", 2023) as a callback.
+
+At every ``every_n_steps`` training steps, at most ``max_resamples`` times:
+
+1. dead latents are those that have not fired within ``dead_window_tokens`` training tokens
+   (the module's ``tokens_since_fired`` counters, already reduced over ranks);
+2. the candidates are the last ``n_candidates`` training inputs, collected in the steps just
+   before; each is weighted by the square of the SAE's loss on it, ``(||x - x_hat||^2)^2``,
+   computed with the current weights;
+3. each dead latent draws one input with these weights (without replacement while enough
+   inputs have a nonzero loss, so two latents do not get the same direction);
+4. its decoder atom becomes the unit-norm input, its encoder row the same direction scaled to
+   ``encoder_norm_scale`` (0.2) x the mean norm of the live encoder rows, its encoder bias 0;
+   sparsity plugins reset their own per-latent state (JumpReLU: the threshold);
+5. the optimizer state (Adam's ``exp_avg`` and ``exp_avg_sq``) of exactly those rows and
+   entries is zeroed, and the latents' dead-window counters restart.
+
+Under DDP the inputs of each collected step are all-gathered to rank 0 (in global batch
+order, so the pool is the one a single process would see); rank 0 computes the losses, picks
+the latents and inputs, and broadcasts ids, directions and norm; every rank then applies the
+identical update. Plugins take part through ``Encoder.resample_rows``,
+``Decoder.resample_atoms`` and the optional ``SparsityFn.resample_latents``
+(:mod:`sae_lightning.components.base`); see docs/resampling.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from pydantic import Field
+from torch import Tensor
+from typing_extensions import override
+
+from sae_lightning.components.base import Touched, supports_resampling
+from sae_lightning.config import PluginConfig
+from sae_lightning.errors import ConfigError
+from sae_lightning.module import as_tensor
+
+log = logging.getLogger(__name__)
+
+_LOSS_CHUNK = 4096  # rows per forward pass when scoring candidates
+
+
+class DeadFeatureResamplerConfig(PluginConfig):
+    every_n_steps: int = Field(
+        25_000, gt=0, description="resample after every this many training steps (Anthropic: 25k)"
+    )
+    start_step: int = Field(
+        0, ge=0, description="no resampling before this step (the first is the next multiple)"
+    )
+    max_resamples: int | None = Field(
+        4, gt=0, description="stop after this many resamples (Anthropic: 4); null: never stop"
+    )
+    dead_window_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="dead means not fired in this many training tokens; "
+        "default the model's loss.dead_window_tokens",
+    )
+    n_candidates: int = Field(
+        65_536,
+        gt=0,
+        description="training inputs collected just before each resample, to draw new "
+        "directions from (Anthropic: 819,200); held on rank 0's device",
+    )
+    encoder_norm_scale: float = Field(
+        0.2, gt=0, description="new encoder rows get this x the mean norm of the live rows"
+    )
+    seed: int = Field(0, ge=0, description="seed of the input draws (combined with the step)")
+
+
+class DeadFeatureResampler(pl.Callback):
+    """Resample dead latents toward badly reconstructed inputs (Anthropic 2023).
+
+    Args:
+        config: the schedule and procedure parameters; defaults when None.
+
+    Raises:
+        ConfigError: at setup, when the module or one of its plugins lacks the resampling
+            interface.
+
+    Example::
+
+        resampler = DeadFeatureResampler(DeadFeatureResamplerConfig(every_n_steps=500))
+        trainer = pl.Trainer(max_steps=2000, callbacks=[resampler])
+    """
+
+    Config = DeadFeatureResamplerConfig
+
+    def __init__(self, config: DeadFeatureResamplerConfig | None = None) -> None:
+        self.config = config if config is not None else DeadFeatureResamplerConfig()
+        self.n_resamples = 0
+        self.total_resampled = 0
+        self.last_step = -1
+        self._chunks: list[Tensor] = []  # candidate inputs, oldest first (rank 0 only)
+        self._is_zero = True
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._is_zero = trainer.is_global_zero
+        if stage != "fit":
+            return
+        members = getattr(pl_module, "members", None)
+        if members is None:
+            raise ConfigError(
+                "callbacks",
+                f"the resampler needs a module with members() (SAEModule or MultiSAEModule); "
+                f"got {type(pl_module).__name__}",
+                "remove the resampler callback, or train an SAEModule",
+            )
+        for name, member in members().items():
+            missing = supports_resampling(member.sae.encoder, member.sae.decoder)
+            if missing:
+                where = f" (SAE '{name}')" if name else ""
+                raise ConfigError(
+                    "callbacks",
+                    f"the resampler cannot re-initialise latents{where}: "
+                    f"{', '.join(missing)} not implemented",
+                    "use the linear encoder with the linear or tied decoder, implement the "
+                    "resampling interface (docs/resampling.md), or remove the resampler",
+                )
+
+    # ---- schedule -------------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        limit = self.config.max_resamples
+        return limit is not None and self.n_resamples >= limit
+
+    def _next_resample_step(self, done: int) -> int:
+        """The first multiple of ``every_n_steps`` at or after ``done`` and ``start_step``, and
+        not yet resampled."""
+        every = self.config.every_n_steps
+        first = max(done, self.config.start_step, 1)
+        target = (first + every - 1) // every * every
+        return target + every if target == self.last_step else target
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._finished():
+            return
+        done = trainer.global_step  # optimizer steps taken, this batch's included
+        target = self._next_resample_step(done)
+        x = as_tensor(batch)
+        global_rows = x.shape[0] * trainer.world_size
+        window = -(-self.config.n_candidates // global_rows)  # steps whose inputs we keep
+        if target - done < window:
+            self._collect(trainer, pl_module, x.detach())
+        if done == target:
+            self._resample(trainer, pl_module, done)
+
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor) -> None:
+        if trainer.world_size > 1:  # (world, B, d_in) -> (world * B, d_in), global batch order
+            x = pl_module.all_gather(x).reshape(-1, x.shape[-1])
+        if not trainer.is_global_zero:
+            return
+        self._chunks.append(x.clone())
+        # Drop whole chunks that fall entirely before the last n_candidates rows.
+        while self._chunks and sum(c.shape[0] for c in self._chunks[1:]) >= (
+            self.config.n_candidates
+        ):
+            self._chunks.pop(0)
+
+    # ---- resampling -----------------------------------------------------------------------
+
+    def _resample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        members: dict[str, Any] = pl_module.members()  # type: ignore[operator]
+        plan: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
+        if trainer.is_global_zero:
+            candidates = self._candidates(pl_module.device)
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+            plan = {
+                name: self.choose(member, candidates, generator) for name, member in members.items()
+            }
+        plan = trainer.strategy.broadcast(plan, src=0)
+        assert plan is not None
+        self._chunks.clear()
+        self.n_resamples += 1
+        self.last_step = step
+        for name, member in members.items():
+            ids, directions, norm = (t.to(pl_module.device) for t in plan[name])
+            touched = member.resample_latents(ids, directions, norm) if ids.numel() else []
+            reset_optimizer_state(trainer.optimizers, touched)
+            self.total_resampled += ids.numel()
+            self._log(trainer, pl_module, f"{name}/" if name else "", ids.numel(), step)
+
+    def _candidates(self, device: torch.device) -> Tensor | None:
+        if not self._chunks:
+            return None
+        pool = torch.cat([c.to(device) for c in self._chunks])
+        return pool[-self.config.n_candidates :]
+
+    @torch.no_grad()
+    def choose(
+        self, member: Any, candidates: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Pick the dead latents of one SAE and their new directions.
+
+        Args:
+            member: an :class:`~sae_lightning.module.SAEModule` (or one member of a multi-SAE
+                module).
+            candidates: ``(n, d_in)`` inputs to draw from, or None when none were collected.
+            generator: CPU generator for the draws.
+
+        Returns:
+            ``(ids, directions, norm)`` on the CPU: ``(n_dead,)`` latent ids, ``(n_dead, d_in)``
+            unit-norm inputs and the scalar norm of the new encoder rows. Empty ids when no
+            latent is dead or there is nothing to draw from.
+        """
+        dead = member.dead_mask(self.config.dead_window_tokens)
+        ids = dead.nonzero().squeeze(1).cpu()
+        d_in = member.sae.d_in
+        if ids.numel() == 0 or candidates is None or candidates.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, d_in), torch.zeros(())
+        norms = member.sae.encoder.row_norms().float()
+        alive = ~dead
+        mean_alive = norms[alive].mean() if bool(alive.any()) else norms.mean()
+        norm = (self.config.encoder_norm_scale * mean_alive).cpu()
+
+        weights = squared_errors(member.sae, candidates).double().pow(2).cpu()
+        if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
+            weights = torch.ones_like(weights)  # nothing to prefer: draw uniformly
+        replacement = int((weights > 0).sum()) < ids.numel()
+        rows = torch.multinomial(weights, ids.numel(), replacement=replacement, generator=generator)
+        chosen = candidates[rows.to(candidates.device)].float()
+        directions = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return ids, directions.cpu(), norm
+
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str, n: int, step: int
+    ) -> None:
+        key = f"{prefix}train/resampled"
+        pl_module.log(key, float(n))
+        # Lightning writes step metrics only every log_every_n_steps; a resample is rare and
+        # must not be lost between two logging steps.
+        every = trainer.log_every_n_steps
+        if trainer.is_global_zero and every > 0 and step % every != 0:
+            for logger in trainer.loggers:
+                logger.log_metrics({key: float(n)}, step=step - 1)
+        if trainer.is_global_zero:
+            where = f" of SAE '{prefix.rstrip('/')}'" if prefix else ""
+            log.info("resampled %d dead latents%s at step %d", n, where, step)
+
+    # ---- checkpoint state -----------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        pool = torch.cat([c.cpu() for c in self._chunks]) if self._chunks else None
+        return {
+            "n_resamples": self.n_resamples,
+            "total_resampled": self.total_resampled,
+            "last_step": self.last_step,
+            "candidates": pool,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_resamples = int(state_dict["n_resamples"])
+        self.total_resampled = int(state_dict.get("total_resampled", 0))
+        self.last_step = int(state_dict["last_step"])
+        pool = state_dict.get("candidates")
+        self._chunks = [pool] if pool is not None and self._is_zero else []
+
+
+@torch.no_grad()
+def squared_errors(sae: torch.nn.Module, x: Tensor) -> Tensor:
+    """``(n,)`` ``||x - sae(x)||^2`` per row, in eval mode (no batch statistics, no collectives).
+
+    Args:
+        sae: a :class:`~sae_lightning.sae.SparseAutoencoder`.
+        x: ``(n, d_in)`` inputs.
+    """
+    was_training = sae.training
+    sae.eval()
+    try:
+        errors = [(chunk - sae(chunk)).float().pow(2).sum(dim=1) for chunk in x.split(_LOSS_CHUNK)]
+    finally:
+        sae.train(was_training)
+    return torch.cat(errors)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizers: list[torch.optim.Optimizer], touched: list[Touched]) -> None:
+    """Zero every per-element optimizer state (Adam moments...) of the ``touched`` slices.
+
+    Per-parameter scalars such as Adam's ``step`` are shared by all rows and left alone.
+    """
+    for param, index, dim in touched:
+        for optimizer in optimizers:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key, value in state.items():
+                if key != "step" and isinstance(value, Tensor) and value.shape == param.shape:
+                    value.index_fill_(dim, index.to(value.device), 0)
