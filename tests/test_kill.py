@@ -118,3 +118,36 @@ def test_sigkill_at_a_random_step_then_resume_matches_unbroken_run(tmp_path):
     ma = json.loads((tmp_path / "unbroken" / "version_0" / "metrics.json").read_text())
     mb = json.loads((killed_dir / "metrics.json").read_text())
     assert ma["val/fvu"] == mb["val/fvu"]
+
+
+def test_sigkill_under_two_process_ddp_then_resume_matches_unbroken_run(tmp_path):
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    extra = ["--trainer.max_steps=120", "--trainer.val_check_interval=60", *ddp]
+    subprocess.run(fit_cmd(tmp_path, "unbroken", *extra), check=True, env=ENV, cwd=ROOT)
+
+    # A new session, so the SIGKILL reaches both ranks (Lightning's launcher forks rank 1).
+    proc = subprocess.Popen(
+        fit_cmd(tmp_path, "killed", *extra), env=ENV, cwd=ROOT, start_new_session=True
+    )
+    last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 180
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_dir = tmp_path / "killed" / "version_0"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step < 120
+
+    subprocess.run(
+        [*fit_cmd(tmp_path, "killed", *extra), "--ckpt_path", "last"],
+        check=True,
+        env=ENV,
+        cwd=ROOT,
+    )
+    a = load_file(str(tmp_path / "unbroken" / "version_0" / "sae.safetensors"))
+    b = load_file(str(killed_dir / "sae.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {step}"
