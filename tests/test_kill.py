@@ -90,11 +90,19 @@ def fit_cmd(tmp_path: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
-def test_sigkill_at_a_random_step_then_resume_matches_unbroken_run(tmp_path):
-    rng = random.Random()
-    subprocess.run(fit_cmd(tmp_path, "unbroken"), check=True, env=ENV, cwd=ROOT)
+RESAMPLER = [
+    "--callbacks=[{name: resampler, every_n_steps: 40, n_candidates: 1024}]",
+    "--model.loss.dead_window_tokens=1024",
+    "--model.d_sae=512",  # far more latents than atoms: many die, so resampling has work
+]
 
-    proc = subprocess.Popen(fit_cmd(tmp_path, "killed"), env=ENV, cwd=ROOT)
+
+@pytest.mark.parametrize("extra", [[], RESAMPLER], ids=["plain", "resampler"])
+def test_sigkill_at_a_random_step_then_resume_matches_unbroken_run(tmp_path, extra):
+    rng = random.Random()
+    subprocess.run(fit_cmd(tmp_path, "unbroken", *extra), check=True, env=ENV, cwd=ROOT)
+
+    proc = subprocess.Popen(fit_cmd(tmp_path, "killed", *extra), env=ENV, cwd=ROOT)
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -109,12 +117,18 @@ def test_sigkill_at_a_random_step_then_resume_matches_unbroken_run(tmp_path):
     assert 0 < step < 300
 
     subprocess.run(
-        [*fit_cmd(tmp_path, "killed"), "--ckpt_path", "last"], check=True, env=ENV, cwd=ROOT
+        [*fit_cmd(tmp_path, "killed", *extra), "--ckpt_path", "last"], check=True, env=ENV, cwd=ROOT
     )
     a = load_file(str(tmp_path / "unbroken" / "version_0" / "sae.safetensors"))
     b = load_file(str(killed_dir / "sae.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {step}"
+    if extra:  # the resampler really acted before and after the kill
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(killed_dir)).Reload()
+        resampled = [e.value for e in events.Scalars("train/resampled")]
+        assert max(resampled) > 0, resampled
     ma = json.loads((tmp_path / "unbroken" / "version_0" / "metrics.json").read_text())
     mb = json.loads((killed_dir / "metrics.json").read_text())
     assert ma["val/fvu"] == mb["val/fvu"]
