@@ -363,7 +363,11 @@ def kernel_timings(args: argparse.Namespace, x: Any, rounds: int) -> dict[str, f
     """
     import torch
 
-    from sae_lightning.kernels.topk_encoder import sparse_weight_grad, topk_select
+    from sae_lightning.kernels.topk_encoder import (
+        _weight_grad_dense_backward,
+        sparse_weight_grad,
+        topk_select,
+    )
 
     n, k, batch = args.n_latents, args.k, args.batch
     pre = torch.randn(batch, n, device=x.device, dtype=x.dtype)
@@ -395,13 +399,16 @@ def kernel_timings(args: argparse.Namespace, x: Any, rounds: int) -> dict[str, f
     fns = {
         "select_torch_topk": lambda: pre.topk(k, dim=1, sorted=False),
         "select_topk_select": lambda: topk_select(pre, k),
-        "wgrad_sorted_embedding_bag": lambda: sparse_weight_grad(idx, g, x, n),
+        "wgrad_sparse_weight_grad": lambda: sparse_weight_grad(idx, g, x, n),
+        "wgrad_aten_embedding_bag_backward": lambda: _weight_grad_dense_backward(idx, g, x, n),
         "wgrad_sparsify_index_add": sparsify_index_add,
         "wgrad_index_add_by_column": index_add_by_column,
         "wgrad_csr_matmul": csr_matmul,
     }
     expected = sparse_weight_grad(idx, g, x, n)
-    for name in ("wgrad_sparsify_index_add", "wgrad_index_add_by_column", "wgrad_csr_matmul"):
+    for name in fns:
+        if not name.startswith("wgrad_"):
+            continue
         got = fns[name]()
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), name
     times = timed_rounds(fns, rounds, x.device)
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     emit("path", args.path)
     emit("shape", f"d_in={args.d_in},n_latents={args.n_latents},k={args.k},batch={args.batch}")
     emit("thp_mem_alloc", os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
+
+    import sae_lightning.module  # noqa: F401  (imported before the memory baseline, as in peers.py)
 
     meter = MemoryMeter(device)
     batches = make_batches(args, device, dtype)

@@ -6,15 +6,17 @@ pre-activations costs two more products of that size (the gradients of ``x`` and
 Only ``k`` entries per row were selected, so with ``g`` the ``(batch, k)`` gradient of the
 selected values and ``idx`` their latent ids, the backward needs ``batch * k * d_in`` work:
 
-- ``grad_x[b] = sum_j g[b, j] W[idx[b, j]]``: an ``embedding_bag`` gather of ``k`` rows;
-- ``grad_W[i] = sum over (b, j) with idx[b, j] == i of g[b, j] x[b]``: sorted by latent, each
-  touched row accumulated once (ATen's embedding-bag weight gradient, no ``(batch, k, d_in)``
-  tensor);
-- ``grad_b[i]``: an ``index_add_`` of ``batch * k`` scalars.
+- ``grad_W[i] = sum over (b, j) with idx[b, j] == i of g[b, j] x[b]``: the pairs sorted by
+  latent, each touched row accumulated once, no ``(batch, k, d_in)`` tensor
+  (:func:`sparse_weight_grad`);
+- ``grad_b[i]``: an ``index_add_`` of ``batch * k`` scalars;
+- the input's gradient only where it is needed: for the centring shift ``b_dec`` it is
+  ``-grad_b @ W``, for ``x`` itself an ``embedding_bag`` gather of ``k`` rows.
 
 The forward computes the product in row chunks of at most :data:`DEFAULT_CHUNK_BYTES` and keeps
 only the selected ``(batch, k)`` values and ids, so no ``(batch, d_sae)`` tensor outlives it.
-The same code runs on CPU and CUDA.
+:class:`SparseDecode` is the decoder's gather with a backward built the same way. The same code
+runs on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from torch import Tensor
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Largest pre-activation chunk the CPU forward materialises. Fewer, larger chunks amortise the
-matrix product's packing of ``W_enc``; 64 MiB measured within 2% of one product over the whole
-batch (d_in 768, d_sae 16384, batch 4096) while holding a quarter of its memory."""
+matrix product's packing of ``W_enc``: at d_in 768, d_sae 16384, batch 4096, 16 MiB chunks were
+6% slower than 64 MiB, and 128 MiB or the whole batch no faster (docs/performance.md)."""
 
 _BLOCK = 8
 """Entries per block at each level of the hierarchical CPU top-k (``topk_select``)."""
