@@ -14,7 +14,6 @@ from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_lightning.config import PluginConfig
@@ -176,9 +175,9 @@ class Decoder(Plugin, nn.Module):
         if codes.indices is None:
             return codes.values @ atoms
         # (batch, k) ids and weights -> (batch, d_in), a gather-and-sum over k atom rows.
-        return F.embedding_bag(
-            codes.indices, atoms, per_sample_weights=codes.values.to(atoms.dtype), mode="sum"
-        )
+        from sae_lightning.kernels.topk_encoder import sparse_decode
+
+        return sparse_decode(codes.indices, codes.values.to(atoms.dtype), atoms)
 
     def atoms(self) -> Tensor:  # pragma: no cover - protocol
         """The ``(d_sae, d_in)`` dictionary, one atom (feature direction) per row."""

@@ -62,8 +62,8 @@ class LinearDecoder(Decoder):
         if grad is None or not (self.config.unit_norm and self.config.project_gradients):
             return
         # Atoms are unit-norm, so the radial part of each row's gradient is (g . w) w.
-        radial = (grad * self.W_dec).sum(dim=1, keepdim=True)
-        grad.sub_(radial * self.W_dec)
+        radial = torch.linalg.vecdot(grad, self.W_dec, dim=1).unsqueeze(1)  # (d_sae, 1)
+        grad.addcmul_(radial, self.W_dec, value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
