@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
@@ -42,7 +42,12 @@ from sae_lightning.module import (
 )
 from sae_lightning.recipe import deep_merge
 from sae_lightning.registry import registry
-from sae_lightning.runner import TRAINER_DEFAULTS, find_last_checkpoint, resolve_widths
+from sae_lightning.runner import (
+    TRAINER_DEFAULTS,
+    checkpoint_callback,
+    find_last_checkpoint,
+    resolve_widths,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -286,15 +291,7 @@ def fit_many(
 def _trainer(recipe: RecipeConfig, version: int | None) -> pl.Trainer:
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=recipe.checkpoint.every_n_steps,
-            save_top_k=recipe.checkpoint.keep,
-            monitor="step",
-            mode="max",
-            save_last=True,
-        ),
+        checkpoint_callback(recipe),
         LearningRateMonitor(logging_interval="step"),
         NonFiniteGuard(),
     ]

@@ -78,6 +78,19 @@ def resolve_widths(recipe: RecipeConfig, data_d_in: int | None) -> tuple[int, in
     return d_in, d_sae
 
 
+def checkpoint_callback(recipe: RecipeConfig) -> ModelCheckpoint:
+    """Periodic checkpoints plus ``last.ckpt``, as the recipe's ``checkpoint:`` section asks."""
+    return ModelCheckpoint(
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=recipe.checkpoint.every_n_steps,
+        save_top_k=recipe.checkpoint.keep,
+        monitor="step",
+        mode="max",
+        save_last=True,
+    )
+
+
 def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bool = True) -> Run:
     """Build DataModule, module, callbacks, logger and Trainer from ``recipe``.
 
@@ -100,15 +113,7 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
     from sae_lightning.callbacks.dashboard import monitoring_callbacks
 
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=recipe.checkpoint.every_n_steps,
-            save_top_k=recipe.checkpoint.keep,
-            monitor="step",
-            mode="max",
-            save_last=True,
-        ),
+        checkpoint_callback(recipe),
         LearningRateMonitor(logging_interval="step"),
         ReferenceMetrics(),
         NonFiniteGuard(),
