@@ -56,7 +56,12 @@ class FeatureDensity(Metric):
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """Batch FVU, the same formula as :class:`FractionOfVarianceUnexplained` for one batch."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return fvu_of_residual(x, x - x_hat)
+
+
+def fvu_of_residual(x: Tensor, residual: Tensor) -> Tensor:
+    """:func:`fvu` from ``x`` and an already computed ``x - x_hat``."""
+    return residual.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
 
 
 def human_count(n: int) -> str:

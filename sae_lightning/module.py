@@ -29,11 +29,12 @@ from typing_extensions import override
 
 from sae_lightning.components.base import Touched, data_parallel_world_size, total_variance_share
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
+from sae_lightning.functional import as_points, is_function_batch, l2_norm_sq, relative_l2
 from sae_lightning.metrics import (
     FeatureDensity,
     FractionOfVarianceUnexplained,
     dead_fraction_key,
-    fvu,
+    fvu_of_residual,
 )
 from sae_lightning.registry import GROUPS, registry
 from sae_lightning.sae import SparseAutoencoder
@@ -181,6 +182,7 @@ class SAEModule(pl.LightningModule):
         self.val_l0 = MeanMetric()
         self.val_mse = MeanMetric()
         self.val_density = FeatureDensity(d_sae)
+        self.val_rel_l2 = MeanMetric()
 
     def members(self) -> dict[str, SAEModule]:
         """The SAEs this module trains, by log prefix (``""``: just this one)."""
@@ -197,11 +199,25 @@ class SAEModule(pl.LightningModule):
         window = self.loss_config.dead_window_tokens if window_tokens is None else window_tokens
         return self.tokens_since_fired >= window
 
-    def reconstruction_loss(self, x: Tensor, x_hat: Tensor) -> Tensor:
-        """This rank's reconstruction term (averaged over ranks: the global-batch value)."""
-        if self.loss_config.reconstruction == "fvu":
-            return (x - x_hat).pow(2).sum() / total_variance_share(x).clamp_min(1e-12)
-        return (x - x_hat).pow(2).sum(dim=1).mean()
+    def reconstruction_loss(self, x: Tensor, x_hat: Tensor, diff: Tensor | None = None) -> Tensor:
+        """This rank's reconstruction term (averaged over ranks: the global-batch value).
+
+        On function batches ``mse`` and ``fvu`` treat every grid point as a row (a quadrature
+        mean, so values agree across resolutions) and ``rel_l2`` is the mean over samples of
+        ``||u - u_hat||^2 / ||u||^2``.
+
+        Args:
+            x: the input batch.
+            x_hat: its reconstruction.
+            diff: ``x - x_hat`` when the caller already has it.
+        """
+        diff = x - x_hat if diff is None else diff
+        mode = self.loss_config.reconstruction
+        if mode == "fvu":
+            return diff.pow(2).sum() / total_variance_share(x).clamp_min(1e-12)
+        if mode == "rel_l2":
+            return (l2_norm_sq(diff) / l2_norm_sq(x.detach()).clamp_min(1e-12)).mean()
+        return as_points(diff).pow(2).sum(dim=1).mean()
 
     def training_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> dict[str, Any]:
         out = self.compute_step(as_tensor(batch), step=self.global_step)
@@ -214,11 +230,10 @@ class SAEModule(pl.LightningModule):
         Under DDP every rank must call it (it holds collectives).
         """
         out = self.sae.run(x, step=step)
-        recon = self.reconstruction_loss(x, out.x_hat)
-        residual = x - out.x_hat.detach()
-        aux = self.sae.sparsity.auxiliary_losses(
-            out.pre_acts, x, residual, self.sae.decoder, self.dead_mask()
-        )
+        diff = x - out.x_hat  # computed once: loss, AuxK residual and metrics share it
+        recon = self.reconstruction_loss(x, out.x_hat, diff)
+        residual = diff.detach()
+        aux = self.sae.auxiliary_losses(out.pre_acts, x, residual, self.dead_mask())
         terms = {"reconstruction": recon, **out.penalties, **aux}
         loss = torch.stack([t.float() for t in terms.values()]).sum()
 
@@ -226,14 +241,16 @@ class SAEModule(pl.LightningModule):
             metrics = {"train/loss": loss.detach()}
             metrics.update({f"train/loss/{k}": v.detach().float() for k, v in terms.items()})
             metrics["train/l0"] = out.codes.l0().float().mean()
+            if is_function_batch(x):
+                metrics["train/rel_l2"] = relative_l2(x, out.x_hat).mean()
             fire_counts = out.codes.fire_counts()
             n_tokens: int | Tensor = x.shape[0]
             world = data_parallel_world_size()
             if world == 1:
-                metrics["train/fvu"] = fvu(x, out.x_hat)
+                metrics["train/fvu"] = fvu_of_residual(as_points(x), as_points(residual))
             else:
                 metrics, fire_counts, n_tokens = _reduce_over_ranks(
-                    x, out.x_hat, metrics, fire_counts, world
+                    as_points(x), as_points(residual), x.shape[0], metrics, fire_counts, world
                 )
             self._update_dead_counters(fire_counts, n_tokens)
             metrics[self.dead_key] = self.dead_mask().float().mean()
@@ -293,10 +310,13 @@ class SAEModule(pl.LightningModule):
     def update_validation(self, x: Tensor, *, step: int) -> None:
         """Accumulate the validation metrics of one batch (torchmetrics, synced over ranks)."""
         out = self.sae.run(x, step=step)
-        self.val_fvu.update(x, out.x_hat)
+        points, points_hat = as_points(x), as_points(out.x_hat)
+        self.val_fvu.update(points, points_hat)
         self.val_l0.update(out.codes.l0().float())
-        self.val_mse.update((x - out.x_hat).pow(2).mean(dim=1))
+        self.val_mse.update((points - points_hat).pow(2).mean(dim=1))
         self.val_density.update(out.codes.fire_counts(), x.shape[0])
+        if is_function_batch(x):
+            self.val_rel_l2.update(relative_l2(x, out.x_hat))
 
     def validation_results(self) -> tuple[dict[str, Tensor], Tensor]:
         """``({"val/...": value}, per-latent density)`` over all ranks; resets the metrics."""
@@ -309,7 +329,9 @@ class SAEModule(pl.LightningModule):
             "val/mse": self.val_mse.compute(),
             "val/dead_fraction_eval": (density == 0).float().mean(),
         }
-        for metric in (self.val_fvu, self.val_l0, self.val_mse, self.val_density):
+        if self.val_rel_l2.update_count > 0:  # function data only
+            results["val/rel_l2"] = self.val_rel_l2.compute()
+        for metric in (self.val_fvu, self.val_l0, self.val_mse, self.val_density, self.val_rel_l2):
             metric.reset()
         return results, density
 
@@ -346,12 +368,25 @@ class SAEModule(pl.LightningModule):
 
 @torch.no_grad()
 def _reduce_over_ranks(
-    x: Tensor, x_hat: Tensor, metrics: dict[str, Tensor], fire_counts: Tensor, world: int
+    x: Tensor,
+    residual: Tensor,
+    n_samples: int,
+    metrics: dict[str, Tensor],
+    fire_counts: Tensor,
+    world: int,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """One all-reduce: metric means, the global batch FVU, fire counts and token count.
+    """One all-reduce: metric means, the global batch FVU, fire counts and sample count.
+
+    Args:
+        x: ``(rows, d_in)`` this rank's inputs (grid points as rows for function batches).
+        residual: ``x - x_hat`` in the same layout.
+        n_samples: this rank's number of samples (tokens, or functions).
+        metrics: this rank's metric values, averaged over ranks.
+        fire_counts: this rank's ``(d_sae,)`` fire counts, summed over ranks.
+        world: number of ranks.
 
     Returns:
-        ``(metrics with train/fvu, global fire counts, global number of tokens)``.
+        ``(metrics with train/fvu, global fire counts, global number of samples)``.
     """
     x64 = x.detach().double()
     names = list(metrics)
@@ -359,18 +394,18 @@ def _reduce_over_ranks(
     packed = torch.cat(
         [
             torch.stack([metrics[k].double() for k in names]) / world,
-            (x64 - x_hat.detach().double()).pow(2).sum().view(1),
+            residual.detach().double().pow(2).sum().view(1),
             x64.pow(2).sum().view(1),
-            x64.new_tensor([x.shape[0]]),
+            x64.new_tensor([x.shape[0], n_samples]),
             fire_counts.double(),
             x64.sum(dim=0),
         ]
     )
     dist.all_reduce(packed)
-    sq_err, sum_sq, tokens = packed[n], packed[n + 1], packed[n + 2]
-    counts = packed[n + 3 : n + 3 + fire_counts.numel()]
-    sum_x = packed[n + 3 + fire_counts.numel() :]
-    total_variance = (sum_sq - sum_x.pow(2).sum() / tokens).clamp_min(1e-12)
+    sq_err, sum_sq, rows, tokens = packed[n], packed[n + 1], packed[n + 2], packed[n + 3]
+    counts = packed[n + 4 : n + 4 + fire_counts.numel()]
+    sum_x = packed[n + 4 + fire_counts.numel() :]
+    total_variance = (sum_sq - sum_x.pow(2).sum() / rows).clamp_min(1e-12)
     reduced = {k: packed[i].float() for i, k in enumerate(names)}
     reduced["train/fvu"] = (sq_err / total_variance).float()
     return reduced, counts.round().long(), tokens.round().long()

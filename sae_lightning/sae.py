@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from sae_lightning.components.base import Codes, Decoder, Encoder, SparsityFn, SparsityOutput
 from sae_lightning.config import PluginSpec
+from sae_lightning.errors import ConfigError
+from sae_lightning.functional import as_points, from_points
 from sae_lightning.kernels.topk_encoder import EncoderInputs
 from sae_lightning.registry import Registry, registry
 
@@ -115,14 +117,48 @@ class SparseAutoencoder(nn.Module):
                 if out is not None:  # a plugin may decline (e.g. in a mode it cannot fuse)
                     return out
         pre_acts = self.pre_activations(x)
+        if pre_acts.ndim > 2 and not getattr(self.sparsity, "functional", False):
+            return self._sparsify_pointwise(pre_acts, step), pre_acts
         return self.sparsity(pre_acts, step=step, decoder=self.decoder), pre_acts
+
+    def _sparsify_pointwise(self, maps: Tensor, step: int) -> SparsityOutput:
+        """Apply a vector sparsity plugin to concept maps, each grid point one row."""
+        grid = tuple(maps.shape[2:])
+        codes, losses = self.sparsity(as_points(maps), step=step, decoder=self.decoder)
+        values = from_points(codes.dense(), maps.shape[0], grid)
+        return SparsityOutput(Codes(values, None, self.d_sae), losses)
+
+    def auxiliary_losses(
+        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, dead: Tensor
+    ) -> dict[str, Tensor]:
+        """The sparsity plugin's auxiliary terms (e.g. AuxK) for one batch.
+
+        Raises:
+            ConfigError: an auxiliary loss was asked of a point-wise plugin on concept maps,
+                where it is not defined (AuxK decodes single latents at single points).
+        """
+        if (
+            pre_acts is not None
+            and pre_acts.ndim > 2
+            and not getattr(self.sparsity, "functional", False)
+        ):
+            if getattr(self.sparsity.config, "aux_coefficient", 0) > 0:
+                raise ConfigError(
+                    "model.sparsity.aux_coefficient",
+                    f"is {self.sparsity.config.aux_coefficient}, but the AuxK loss is not "
+                    "defined for concept maps (the encoder returns one function per latent)",
+                    "set model.sparsity.aux_coefficient: 0",
+                )
+            return {}
+        return self.sparsity.auxiliary_losses(pre_acts, x, residual, self.decoder, dead)
 
     def encode_codes(self, x: Tensor) -> Codes:
         """Sparse codes of ``x`` (sparse or dense, whichever the sparsity plugin produces)."""
         return self._sparsify(x, 0)[0].codes
 
     def encode(self, x: Tensor) -> Tensor:
-        """``(batch, d_in) -> (batch, d_sae)`` dense feature activations."""
+        """``(batch, d_in) -> (batch, d_sae)`` dense feature activations (concept maps
+        ``(batch, d_sae, *grid)`` for function-space encoders that make them)."""
         return self.encode_codes(x).dense()
 
     def decode(self, features: Tensor | Codes) -> Tensor:
@@ -132,7 +168,10 @@ class SparseAutoencoder(nn.Module):
         return self.decoder(features)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of ``x`` (any leading shape, last dim ``d_in``)."""
+        """Reconstruction of ``x``: any leading shape and last dim ``d_in``, or a function
+        batch ``(batch, d_in, *grid)`` for a function-space encoder."""
+        if getattr(self.encoder, "functional", False):
+            return self.decoder(self.encode_codes(x))
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in)
         return self.decoder(self.encode_codes(flat)).reshape(*lead, self.d_in)

@@ -104,3 +104,15 @@ def test_weights_without_embedded_config_fall_back_to_the_json(tmp_path):
 def test_load_missing_files_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sae\.safetensors not found"):
         load_sae(tmp_path)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path) -> None:
+    import os
+
+    from sae_lightning.io import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    atomic_write_text(atomic, "x")
+    assert os.stat(atomic).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -17,17 +17,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sae_lightning.config import PluginConfig
+from sae_lightning.functional import as_points
 
 
 class Codes(NamedTuple):
     """Latent activations, dense or as ``k`` (index, value) pairs per row.
 
     Sparse codes let decoders gather ``k`` dictionary rows instead of multiplying by a dense
-    ``(batch, d_sae)`` matrix that is mostly zeros.
+    ``(batch, d_sae)`` matrix that is mostly zeros. Function-space SAEs produce *concept maps*:
+    dense values ``(batch, d_sae, *grid)``, one function per latent (see
+    :mod:`sae_lightning.functional`); a latent is then active in a sample when its map is
+    nonzero anywhere.
     """
 
     values: Tensor
-    """``(batch, k)`` when sparse, ``(batch, d_sae)`` when dense; zero means inactive."""
+    """``(batch, k)`` when sparse, ``(batch, d_sae)`` when dense, ``(batch, d_sae, *grid)`` for
+    concept maps; zero means inactive."""
     indices: Tensor | None
     """``(batch, k)`` latent ids of ``values`` when sparse; None when dense."""
     d_sae: int
@@ -37,6 +42,17 @@ class Codes(NamedTuple):
     def is_sparse(self) -> bool:
         return self.indices is not None
 
+    @property
+    def is_map(self) -> bool:
+        """True for concept maps ``(batch, d_sae, *grid)``."""
+        return self.values.ndim > 2
+
+    def _active(self) -> Tensor:
+        """``(batch, k or d_sae)`` bool: which entries are active (anywhere, for maps)."""
+        if self.values.ndim > 2:
+            return (self.values != 0).flatten(2).any(dim=2)
+        return self.values != 0
+
     def dense(self) -> Tensor:
         """The ``(batch, d_sae)`` activation matrix."""
         if self.indices is None:
@@ -45,19 +61,21 @@ class Codes(NamedTuple):
         return out.scatter_add(1, self.indices, self.values)
 
     def l0(self) -> Tensor:
-        """``(batch,)`` number of nonzero latents per row."""
-        return (self.values != 0).sum(dim=1)
+        """``(batch,)`` number of active latents per row (per sample, for concept maps)."""
+        return self._active().sum(dim=1)
 
     def fire_counts(self) -> Tensor:
-        """``(d_sae,)`` how many rows each latent was nonzero in."""
+        """``(d_sae,)`` how many rows (samples, for concept maps) each latent was active in."""
         if self.indices is None:
-            return (self.values != 0).sum(dim=0)
+            return self._active().sum(dim=0)
         counts = torch.zeros(self.d_sae, dtype=torch.long, device=self.values.device)
         active = (self.values != 0).long()
         return counts.scatter_add_(0, self.indices.reshape(-1), active.reshape(-1))
 
     def l1(self) -> Tensor:
-        """``(batch,)`` L1 norm of each row's activations."""
+        """``(batch,)`` L1 norm of each row; for maps, the sum of each map's integral of |z|."""
+        if self.values.ndim > 2:
+            return self.values.abs().flatten(2).mean(dim=2).sum(dim=1)
         return self.values.abs().sum(dim=1)
 
 
@@ -104,9 +122,13 @@ class Encoder(Plugin, nn.Module):
 
     Attributes:
         center_input: when True the module subtracts the decoder bias before encoding.
+        functional: when True the encoder takes function batches ``(batch, d_in, *grid)``
+            (``d_in`` channels) and returns ``(batch, d_sae)`` or concept maps
+            ``(batch, d_sae, *grid)`` (see :mod:`sae_lightning.functional`).
     """
 
     center_input: bool = False
+    functional: bool = False
 
     def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__()
@@ -218,7 +240,16 @@ class Decoder(Plugin, nn.Module):
 
 
 class SparsityFn(Plugin, nn.Module):
-    """Turns pre-activations into sparse codes plus penalty terms."""
+    """Turns pre-activations into sparse codes plus penalty terms.
+
+    Attributes:
+        functional: when True the plugin receives concept maps ``(batch, d_sae, *grid)`` as they
+            are (it sparsifies over functions, e.g. joint concept/domain sparsity). When False
+            (the default) the SAE applies it point-wise to concept maps: each grid point is a
+            row, so a mean over rows is the quadrature mean over the domain.
+    """
+
+    functional: bool = False
 
     def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__()
@@ -285,9 +316,10 @@ def total_variance_share(x: Tensor) -> Tensor:
     of ``d_in + 1`` floats): every rank must call it.
 
     Args:
-        x: ``(batch, d_in)`` this rank's rows; treated as data (no gradient flows).
+        x: ``(batch, d_in)`` this rank's rows, or a function batch (each grid point a row);
+            treated as data (no gradient flows).
     """
-    x = x.detach()
+    x = as_points(x.detach())
     world = data_parallel_world_size()
     if world == 1:
         return (x - x.mean(dim=0)).pow(2).sum()

@@ -17,7 +17,8 @@ class BadBatchError(SaeLightningError, ValueError):
 
 
 class BatchValidator:
-    """Validates ``(batch, d_in)`` activation batches as they reach the model.
+    """Validates ``(batch, d_in)`` activation batches (or ``(batch, d_in, *grid)`` function
+    batches) as they reach the model.
 
     Args:
         d_in: the width every row must have.
@@ -35,12 +36,13 @@ class BatchValidator:
         self.dropped_rows = 0
 
     def __call__(self, x: Tensor, batch_index: int) -> Tensor:
-        if x.ndim != 2 or x.shape[1] != self.d_in:
+        if x.ndim < 2 or x.shape[1] != self.d_in:
             raise BadBatchError(
                 f"{self.source}: batch {batch_index} has shape {tuple(x.shape)}, expected "
-                f"(batch, {self.d_in}); set model.d_in to the data's width or fix the data"
+                f"(batch, {self.d_in}) or, for functions, (batch, {self.d_in}, *grid); "
+                "set model.d_in to the data's width (channels) or fix the data"
             )
-        finite = torch.isfinite(x).all(dim=1)  # (batch,)
+        finite = torch.isfinite(x).flatten(1).all(dim=1)  # (batch,)
         if bool(finite.all()):
             return x
         bad = int((~finite).sum())

@@ -259,3 +259,30 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of a safetensors file, as float32 on the CPU."""
     with safe_open(str(path), framework="pt") as fh:
         return {name: fh.get_tensor(name).float() for name in fh.keys()}  # noqa: SIM118
+
+
+def read_sae_directory(
+    path: str | Path, config_file: str, weights_file: str, hint: str
+) -> tuple[Path, Path, dict[str, Any], dict[str, Tensor]]:
+    """``(directory, config path, config, tensors)`` of a peer library's SAE directory.
+
+    Args:
+        path: the directory, or a file in it.
+        config_file, weights_file: the two file names the format requires.
+        hint: what the directory is, for the error message (e.g. "an SAELens SAE directory").
+
+    Raises:
+        FileNotFoundError: a file is missing; the message names both files.
+    """
+    import json
+
+    base = Path(path)
+    if base.is_file():
+        base = base.parent
+    cfg_path, weights_path = base / config_file, base / weights_file
+    for needed in (cfg_path, weights_path):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"{needed} not found; {hint} holds both {config_file} and {weights_file}"
+            )
+    return base, cfg_path, json.loads(cfg_path.read_text()), read_tensors(weights_path)

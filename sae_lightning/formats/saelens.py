@@ -27,7 +27,7 @@ from sae_lightning.formats.common import (
     affine_parts,
     build_sae,
     check_shapes,
-    read_tensors,
+    read_sae_directory,
 )
 from sae_lightning.io import atomic_path, atomic_write_text
 
@@ -115,18 +115,10 @@ def load_saelens(path: str | os.PathLike[str], device: str | torch.device = "cpu
         UnsupportedArchitectureError: the architecture or a setting has no equivalent here.
         FormatError: the files are inconsistent.
     """
-    base = Path(path)
-    if base.is_file():
-        base = base.parent
-    cfg_path, weights_path = base / CONFIG_FILE, base / WEIGHTS_FILE
-    for needed in (cfg_path, weights_path):
-        if not needed.is_file():
-            raise FileNotFoundError(
-                f"{needed} not found; an SAELens SAE directory holds both "
-                f"{CONFIG_FILE} and {WEIGHTS_FILE}"
-            )
-    config = json.loads(cfg_path.read_text())
-    parts = saelens_parts(config, read_tensors(weights_path), where=str(base))
+    base, cfg_path, config, tensors = read_sae_directory(
+        path, CONFIG_FILE, WEIGHTS_FILE, "an SAELens SAE directory"
+    )
+    parts = saelens_parts(config, tensors, where=str(base))
     return build_sae(parts, where=str(cfg_path)).to(device)
 
 

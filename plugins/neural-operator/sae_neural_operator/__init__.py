@@ -1,0 +1,1 @@
+"""SAE neural operators for sae-lightning: function-space encoders, decoders, sparsity and data."""

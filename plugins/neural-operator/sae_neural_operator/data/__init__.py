@@ -1,0 +1,1 @@
+"""Function-valued data: the synthetic sparse functional model, PDE generators, dataset loaders."""
