@@ -10,10 +10,14 @@ logged under ``<name>/`` (``topk_k8/train/loss``) and each SAE is exported to it
 Under DDP every rank holds every SAE and a slice of the batch (docs/multi-gpu.md explains why
 that is the default rather than spreading SAEs over devices).
 
-Recipes have no key for this yet; use :func:`fit_many` from Python::
+A recipe asks for it with ``variants:``, a list of ``model:`` overrides (docs/multi-gpu.md)::
 
-    recipe = load_recipe(["recipes/quickstart.yaml"])
-    fit_many(recipe, {"topk_k4": {"sparsity": {"k": 4}}, "topk_k8": {"sparsity": {"k": 8}}})
+    variants:
+      - {name: topk_k4, sparsity: {k: 4}}
+      - {name: topk_k8, sparsity: {k: 8}}
+
+and the runner builds this module instead of a single :class:`SAEModule`; from Python,
+:func:`fit_many` does the same with a ``{name: overrides}`` mapping.
 """
 
 from __future__ import annotations
@@ -24,15 +28,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from sae_lightning.callbacks import NonFiniteGuard
-from sae_lightning.checkpoint_io import AtomicCheckpointIO
-from sae_lightning.config import ModelConfig, RecipeConfig, validate_model
+from sae_lightning.config import RecipeConfig
 from sae_lightning.errors import ConfigError
-from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
+from sae_lightning.io import export_sae
 from sae_lightning.module import (
     CHECKPOINT_KEY,
     SAEModule,
@@ -40,16 +41,8 @@ from sae_lightning.module import (
     build_optimizer,
     terminate_ranks_on_error,
 )
-from sae_lightning.recipe import deep_merge
-from sae_lightning.registry import registry
-from sae_lightning.runner import (
-    TRAINER_DEFAULTS,
-    checkpoint_callback,
-    find_last_checkpoint,
-    resolve_widths,
-)
-
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+from sae_lightning.recipe import SAE_NAME, variant_models
+from sae_lightning.runner import compile_sae, fit, member_metrics, resolve_widths
 
 
 class MultiSAEModule(pl.LightningModule):
@@ -189,7 +182,7 @@ class MultiSAEModule(pl.LightningModule):
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not SAE_NAME.match(name):
         raise ConfigError(
             f"saes.{name}",
             "is not a valid SAE name",
@@ -197,34 +190,21 @@ def _check_name(name: str) -> None:
         )
 
 
-def variant_models(recipe: RecipeConfig, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``{name: ModelConfig}``: the recipe's ``model`` section with each variant merged in.
-
-    A variant is a partial ``model:`` mapping, e.g. ``{"sparsity": {"k": 8}}``; a new plugin
-    ``name`` replaces that plugin's whole spec, as command-line overrides do.
+def build_multi_module(recipe: RecipeConfig, data_d_in: int | None) -> MultiSAEModule:
+    """A :class:`MultiSAEModule` of the recipe's ``variants`` (the runner's module factory for
+    recipes that list them); each variant is compiled when its ``compile`` is set.
 
     Raises:
-        ConfigError: a bad name, or a variant that makes an invalid model (the field is named
-            ``variants.<name>.<field>``).
+        ConfigError: naming ``variants.<N>.<field>``.
     """
-    if not variants:
-        raise ConfigError("variants", "is empty", "give at least one {name: model overrides}")
-    base = recipe.model.model_dump()
-    out = {}
-    for name, overrides in variants.items():
-        _check_name(name)
-        merged = deep_merge(base, overrides or {})
-        out[name] = validate_model(ModelConfig, merged, f"variants.{name}")
-    return out
-
-
-def build_multi_module(
-    recipe: RecipeConfig, variants: dict[str, dict[str, Any]], data_d_in: int | None
-) -> MultiSAEModule:
-    """A :class:`MultiSAEModule` of the recipe's model with each variant applied."""
+    models = variant_models(recipe)
+    index = {name: i for i, name in enumerate(models)}
     saes = {}
-    for name, model in variant_models(recipe, variants).items():
-        d_in, d_sae = resolve_widths(recipe.model_copy(update={"model": model}), data_d_in)
+    for name, model in models.items():
+        try:
+            d_in, d_sae = resolve_widths(recipe.model_copy(update={"model": model}), data_d_in)
+        except ConfigError as err:  # model.<field> -> variants.<N>.<field>
+            raise _under_variant(err, index[name]) from None
         saes[name] = {
             "d_in": d_in,
             "d_sae": d_sae,
@@ -235,80 +215,55 @@ def build_multi_module(
             "loss": model.loss.model_dump(),
         }
     try:
-        return MultiSAEModule(saes, seed=recipe.seed)
-    except ConfigError as err:  # saes.<name>.model.<field> -> variants.<name>.<field>
-        field = re.sub(r"^saes\.([^.]+)\.model\.", r"variants.\1.", err.field)
-        raise ConfigError(field, err.message, err.fix) from None
+        module = MultiSAEModule(saes, seed=recipe.seed)
+    except ConfigError as err:  # saes.<name>.model.<field> -> variants.<N>.<field>
+        found = re.match(r"^saes\.([^.]+)\.(.*)$", err.field)
+        if found is None or found.group(1) not in index:
+            raise
+        inner = ConfigError(found.group(2), err.message, err.fix)
+        raise _under_variant(inner, index[found.group(1)]) from None
+    for name, model in models.items():
+        if model.compile:
+            compile_sae(module.saes[name].sae)
+    return module
+
+
+def _under_variant(err: ConfigError, i: int) -> ConfigError:
+    field = re.sub(r"^model\.?", "", err.field)
+    return ConfigError(f"variants.{i}.{field}" if field else f"variants.{i}", err.message, err.fix)
 
 
 def fit_many(
     recipe: RecipeConfig,
-    variants: dict[str, dict[str, Any]],
+    variants: dict[str, dict[str, Any]] | None = None,
     *,
     ckpt_path: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Train every variant of ``recipe`` at once on its data; export each SAE separately.
 
-    The run folder ``<output_dir>/<name>/version_N/`` holds the TensorBoard events, the
-    checkpoints and ``metrics.json`` of all SAEs (keys ``<variant>/val/fvu``...), and one
-    folder per variant with its ``sae.safetensors``, ``sae_config.json`` and ``metrics.json``.
-    The recipe's ``trainer:`` and ``callbacks:`` (e.g. the resampler) apply to all SAEs.
+    The same as ``sae-lightning fit`` on a recipe with ``variants:``: the run folder
+    ``<output_dir>/<name>/version_N/`` holds the TensorBoard events, the checkpoints and
+    ``metrics.json`` of all SAEs (keys ``<variant>/val/fvu``...), and one folder per variant
+    with its ``sae.safetensors``, ``sae_config.json`` and ``metrics.json``. The recipe's
+    ``trainer:`` and ``callbacks:`` (e.g. the resampler) apply to all SAEs.
 
     Args:
         recipe: a validated recipe; its ``model`` is the base of every variant.
-        variants: variant name -> partial ``model:`` mapping, e.g. ``{"sparsity": {"k": 8}}``.
+        variants: variant name -> partial ``model:`` mapping, e.g. ``{"sparsity": {"k": 8}}``;
+            None: the recipe's own ``variants``.
         ckpt_path: ``"last"`` or a checkpoint of the same variants to resume from.
 
     Returns:
         ``{variant: {"val/fvu": ..., "train/loss": ...}}``.
+
+    Raises:
+        ConfigError: no variants, or one naming ``variants.<N>.<field>``.
     """
-    version: int | None = None
-    if ckpt_path == "last":
-        path, version = find_last_checkpoint(recipe)
-        ckpt_path = str(path)
-    pl.seed_everything(recipe.seed, workers=True, verbose=False)
-    datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
-    module = build_multi_module(recipe, variants, getattr(datamodule, "d_in", None))
-    trainer = _trainer(recipe, version)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.interrupted:
-        return {}
-    train = {k: float(v) for k, v in trainer.callback_metrics.items() if "/train/" in k}
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    flat = {**train, **{k: float(v) for k, v in results[0].items()}}
-    per_sae = {
-        name: {k.removeprefix(f"{name}/"): v for k, v in flat.items() if k.startswith(f"{name}/")}
-        for name in module.saes
-    }
-    if trainer.is_global_zero:
-        run_dir = Path(trainer.logger.log_dir)  # type: ignore[union-attr]
-        write_metrics(run_dir / METRICS_FILE, flat)
-        for name, path in module.export(run_dir).items():
-            write_metrics(path / METRICS_FILE, per_sae[name])
-    return per_sae
-
-
-def _trainer(recipe: RecipeConfig, version: int | None) -> pl.Trainer:
-    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
-    callbacks: list[pl.Callback] = [
-        checkpoint_callback(recipe),
-        LearningRateMonitor(logging_interval="step"),
-        NonFiniteGuard(),
-    ]
-    if trainer_args.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
-    for i, spec in enumerate(recipe.callbacks):
-        callbacks.append(registry.build("callbacks", spec, field=f"callbacks.{i}"))
-    if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["max_steps"] > 0:
-        trainer_args["val_check_interval"] = min(
-            trainer_args["val_check_interval"], trainer_args["max_steps"]
-        )
-    logger = TensorBoardLogger(
-        recipe.output_dir, name=recipe.name, version=version, default_hp_metric=False
-    )
-    try:
-        return pl.Trainer(
-            **trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-        )
-    except (ValueError, TypeError) as err:
-        raise ConfigError("trainer", str(err)) from None
+    if variants is not None:
+        listed = [{"name": name, **(overrides or {})} for name, overrides in variants.items()]
+        recipe = recipe.model_copy(update={"variants": listed})
+    if not recipe.variants:
+        raise ConfigError("variants", "is empty", "give at least one {name: ..., <overrides>}")
+    names = list(variant_models(recipe))
+    metrics = fit(recipe, ckpt_path)
+    return {name: member_metrics(metrics, name) for name in names} if metrics else {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, create_model
 
-from sae_lightning.config import RecipeConfig, validate_model
+from sae_lightning.config import ModelConfig, RecipeConfig, split_spec, validate_model
 from sae_lightning.errors import ConfigError, did_you_mean
 
 RESERVED_TRAINER_KEYS = {
@@ -112,7 +113,63 @@ def load_recipe(
         apply_override(data, key, parse_value(text))
     recipe = validate_model(RecipeConfig, data, "")
     recipe.trainer = check_trainer_args(recipe.trainer)
+    variant_models(recipe)  # validate now, so a bad variant fails before any data is built
     return recipe
+
+
+SAE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+"""Names of SAEs in a multi-SAE run: they become log prefixes and export folders."""
+
+_PLUGIN_ROLES = (("encoder", "encoders"), ("decoder", "decoders"), ("sparsity", "sparsity"))
+_WIDTHS = ("d_sae", "expansion_factor")
+
+
+def variant_models(recipe: RecipeConfig) -> dict[str, ModelConfig]:
+    """``{name: ModelConfig}``: the recipe's ``model`` with each of its ``variants`` merged in.
+
+    A variant is ``{name: ..., <partial model: mapping>}``, e.g. ``{name: k8, sparsity: {k: 8}}``.
+    A new plugin ``name`` replaces that plugin's whole spec, as command-line overrides do; a
+    variant that sets ``d_sae`` or ``expansion_factor`` drops the other from the base. Names
+    default to ``variant<N>``. Empty when the recipe has no variants.
+
+    Raises:
+        ConfigError: naming ``variants.<N>.<field>``: a bad or repeated name, an invalid model
+            field or plugin parameter.
+    """
+    base = recipe.model.model_dump()
+    out: dict[str, ModelConfig] = {}
+    for i, variant in enumerate(recipe.variants):
+        field = f"variants.{i}"
+        overrides = dict(variant)
+        name = overrides.pop("name", f"variant{i}")
+        if not isinstance(name, str) or not SAE_NAME.match(name):
+            raise ConfigError(
+                f"{field}.name",
+                f"{name!r} is not a valid SAE name",
+                "use letters, digits, '_', '.' and '-' (it becomes a log prefix and a folder)",
+            )
+        if name in out:
+            raise ConfigError(
+                f"{field}.name", f"'{name}' names an earlier variant too", "give each its own name"
+            )
+        start = {k: v for k, v in base.items() if not (k in _WIDTHS and _sets_width(overrides))}
+        model = validate_model(ModelConfig, deep_merge(start, overrides), field)
+        for role, group in _PLUGIN_ROLES:
+            _check_plugin(group, getattr(model, role), f"{field}.{role}")
+        out[name] = model
+    return out
+
+
+def _sets_width(overrides: dict[str, Any]) -> bool:
+    return any(overrides.get(k) is not None for k in _WIDTHS)
+
+
+def _check_plugin(group: str, spec: Any, field: str) -> None:
+    """Validate a plugin spec against the installed plugin's own schema."""
+    from sae_lightning.registry import registry
+
+    name, params = split_spec(spec, field)
+    registry.validate_params(registry.get_for_field(group, name, field), params, field)
 
 
 @functools.cache

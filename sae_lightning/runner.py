@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,19 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+ModuleFactory = Callable[[RecipeConfig, "int | None"], pl.LightningModule]
+"""Builds the LightningModule of a recipe from the recipe and the data's width (None when the
+data does not declare one). The module trains one SAE (:class:`SAEModule`) or several
+(:class:`~sae_lightning.multi.MultiSAEModule`); either exposes ``members()``."""
+
+
 @dataclass
 class Run:
     """Everything built from one recipe, ready for ``trainer.fit``."""
 
     recipe: RecipeConfig
     datamodule: pl.LightningDataModule
-    module: SAEModule
+    module: pl.LightningModule
     trainer: pl.Trainer
 
     @property
@@ -91,15 +98,9 @@ def checkpoint_callback(recipe: RecipeConfig) -> ModelCheckpoint:
     )
 
 
-def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bool = True) -> Run:
-    """Build DataModule, module, callbacks, logger and Trainer from ``recipe``.
-
-    Raises:
-        ConfigError: for any invalid plugin, parameter or cross-field combination.
-    """
-    pl.seed_everything(recipe.seed, workers=True, verbose=False)
-    datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
-    d_in, d_sae = resolve_widths(recipe, getattr(datamodule, "d_in", None))
+def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
+    """The :class:`SAEModule` of the recipe's ``model`` (compiled when ``model.compile``)."""
+    d_in, d_sae = resolve_widths(recipe, data_d_in)
     model = recipe.model
     module = SAEModule(
         d_in=d_in,
@@ -110,15 +111,70 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
         optimizer=model.optimizer.model_dump(),
         loss=model.loss.model_dump(),
     )
+    if model.compile:
+        compile_sae(module.sae)
+    return module
+
+
+def build_module(recipe: RecipeConfig, data_d_in: int | None) -> pl.LightningModule:
+    """The default :data:`ModuleFactory`: one SAE, or one per entry of ``variants``."""
+    if recipe.variants:
+        from sae_lightning.multi import build_multi_module
+
+        return build_multi_module(recipe, data_d_in)
+    return build_sae_module(recipe, data_d_in)
+
+
+def compile_sae(sae: Any) -> None:
+    """Compile the SAE's training and validation forward (``run``) with ``torch.compile``.
+
+    Only the bound method is replaced, on this instance: parameters, state dict and the
+    plugins are untouched, so checkpoints and exports are those of the eager SAE.
+    :func:`eager_sae` undoes it.
+    """
+    import torch
+
+    sae.run = torch.compile(sae.run)
+
+
+def eager_sae(sae: Any) -> Any:
+    """Undo :func:`compile_sae` (a no-op on an SAE that was not compiled); returns ``sae``."""
+    vars(sae).pop("run", None)
+    return sae
+
+
+def build_run(
+    recipe: RecipeConfig,
+    *,
+    version: int | str | None = None,
+    log: bool = True,
+    module_factory: ModuleFactory = build_module,
+) -> Run:
+    """Build DataModule, module, callbacks, logger and Trainer from ``recipe``.
+
+    Args:
+        recipe: a validated recipe.
+        version: the logger version (a run folder to resume into); None: the next one.
+        log: False for a run that writes nothing (``validate``): no logger, no checkpoints.
+        module_factory: builds the LightningModule; the default trains ``model``, or every
+            entry of ``variants`` at once.
+
+    Raises:
+        ConfigError: for any invalid plugin, parameter or cross-field combination.
+    """
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
+    module = module_factory(recipe, getattr(datamodule, "d_in", None))
     from sae_lightning.callbacks.dashboard import monitoring_callbacks
 
     callbacks: list[pl.Callback] = [
         checkpoint_callback(recipe),
         LearningRateMonitor(logging_interval="step"),
-        ReferenceMetrics(),
         NonFiniteGuard(),
         *monitoring_callbacks(),
     ]
+    if hasattr(module, "sae"):  # a multi-SAE module logs each member's reference metrics
+        callbacks.insert(2, ReferenceMetrics())
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
@@ -151,6 +207,12 @@ def build_run(recipe: RecipeConfig, *, version: int | str | None = None, log: bo
     return Run(recipe, datamodule, module, trainer)
 
 
+def members(module: pl.LightningModule) -> dict[str, SAEModule]:
+    """The SAEs a module trains, by name (``""`` for a single-SAE module)."""
+    found = getattr(module, "members", None)
+    return found() if found is not None else {"": module}  # type: ignore[dict-item]
+
+
 def preflight(run: Run) -> None:
     """Check the data before any training step: both loaders yield finite ``(batch, d_in)``.
 
@@ -168,8 +230,9 @@ def preflight(run: Run) -> None:
         if batch is None:
             raise ConfigError("data", f"the '{name}' {split} set is empty", "provide data")
         x = batch[0] if isinstance(batch, tuple | list) else batch
+        d_in = next(iter(members(run.module).values())).sae.d_in
         try:
-            BatchValidator(run.module.hparams.d_in, "fail", source=f"'{name}' {split} data")(x, 0)
+            BatchValidator(d_in, "fail", source=f"'{name}' {split} data")(x, 0)
         except BadBatchError as err:
             raise ConfigError("data", str(err)) from None
 
@@ -218,9 +281,17 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
 
 def finish(run: Run) -> dict[str, float]:
     """Validate once more, fill TensorBoard's hparams tab with the recipe and the final metrics,
-    then write ``metrics.json`` and export the SAE into the run folder."""
+    then write ``metrics.json`` and export the SAE into the run folder.
+
+    A multi-SAE run's ``metrics.json`` holds every SAE's metrics (``<name>/val/fvu``...); each
+    SAE is exported to ``<run folder>/<name>/`` with its own ``metrics.json``, unprefixed.
+    """
+    saes = members(run.module)
+    prefixes = tuple(f"{name}/" for name in saes if name)
     train_metrics = {
-        k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("train/")
+        k: float(v)
+        for k, v in run.trainer.callback_metrics.items()
+        if k.startswith("train/") or (k.startswith(prefixes) and "/train/" in k)
     }
     results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
@@ -235,9 +306,20 @@ def finish(run: Run) -> dict[str, float]:
         # Data modules that normalise activations expose `scale`; fold it into the export so the
         # exported SAE takes raw activations.
         scale = float(getattr(run.datamodule, "scale", 1.0))
-        sae = fold_input_scale(run.module.sae, scale) if scale != 1.0 else run.module.sae
-        export_sae(sae, run.run_dir, plugins=run.module.plugin_versions, input_scale=scale)
+        for name, member in saes.items():
+            sae = eager_sae(member.sae)
+            sae = fold_input_scale(sae, scale) if scale != 1.0 else sae
+            folder = run.run_dir / name if name else run.run_dir
+            export_sae(sae, folder, plugins=member.plugin_versions, input_scale=scale)
+            if name:
+                write_metrics(folder / METRICS_FILE, member_metrics(metrics, name))
     return metrics
+
+
+def member_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """The metrics of the SAE ``name`` of a multi-SAE run, without the ``<name>/`` prefix."""
+    prefix = f"{name}/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def validate(recipe: RecipeConfig, ckpt_path: str | None) -> dict[str, float]:

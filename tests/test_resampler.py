@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sae_lightning.callbacks import resampling
 from sae_lightning.callbacks.resampling import DeadFeatureResampler, DeadFeatureResamplerConfig
-from sae_lightning.components.base import Encoder
+from sae_lightning.components.base import Encoder, Touched
 from sae_lightning.components.encoders.linear import LinearEncoder
 from sae_lightning.data.synthetic import SyntheticConfig, SyntheticDataModule
 from sae_lightning.errors import ConfigError
@@ -276,3 +276,109 @@ def test_resume_inside_the_collection_window_is_exact(tmp_path: Path) -> None:
     b = load_file(str(tmp_path / "runs" / "crashed" / "version_0" / "sae.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
+
+
+# ---- the topk procedure ----------------------------------------------------------------------
+
+
+def test_residual_clusters_recover_the_shared_direction() -> None:
+    """Residuals that each mix one of three directions with noise: seeded with one noisy
+    residual per direction, the centres move to the directions themselves."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.nn.functional.normalize(torch.randn(3, D_IN, generator=g), dim=1)
+    which = torch.arange(300) % 3
+    residuals = truth[which] * (1 + torch.rand(300, 1, generator=g))
+    residuals += 0.5 * torch.randn(300, D_IN, generator=g) / math.sqrt(D_IN)
+    errors = residuals.pow(2).sum(dim=1)
+    seeds = residuals[:3]  # one per direction, each with its own noise
+    centres = resampling.residual_clusters(residuals, errors, seeds)
+    torch.testing.assert_close(centres.norm(dim=1), torch.ones(3))
+    seed_cos = (torch.nn.functional.normalize(seeds, dim=1) * truth).sum(dim=1)
+    centre_cos = (centres * truth).sum(dim=1)
+    assert (centre_cos > 0.99).all(), centre_cos
+    assert (centre_cos > seed_cos).all()  # the refinement, not the seed, found them
+
+
+def test_threshold_norms_match_a_float64_reference() -> None:
+    m = module({"name": "topk", "k": 3, "aux_coefficient": 0.0})
+    with torch.no_grad():
+        m.sae.decoder.b_dec.normal_(0, 0.1)  # centring matters
+    x = torch.randn(200, D_IN)
+    residuals = x - resampling.reconstruct(m.sae, x)
+    directions = torch.nn.functional.normalize(torch.randn(5, D_IN), dim=1)
+    mean_alive = torch.tensor(1.3)
+    got = resampling.threshold_norms(m.sae, x, residuals, directions, mean_alive)
+
+    # Reference: each input joins the direction its residual is most aligned with (if > 0);
+    # its threshold is its smallest active latent (0 if none); the norm is the lower median
+    # over the cluster of threshold / (u . (x - b_dec)), clamped to [0.05, 20] x mean_alive.
+    x64, r64, u64 = x.double(), residuals.double(), directions.double()
+    w = m.sae.encoder.W_enc.detach().double()
+    b = m.sae.encoder.b_enc.detach().double()
+    centred = x64 - m.sae.decoder.b_dec.detach().double()
+    top = (centred @ w.T + b).topk(3, dim=1).values.clamp_min(0)  # the selected, ReLU'd
+    kth = top.masked_fill(top == 0, math.inf).min(dim=1).values  # smallest active
+    kth = torch.where(torch.isfinite(kth), kth, 0.0)
+    cos = torch.nn.functional.normalize(r64, dim=1) @ u64.T
+    expected = []
+    for j in range(5):
+        ratios = sorted(
+            float(kth[i] / (centred[i] @ u64[j]))
+            for i in range(200)
+            if cos[i].argmax() == j and cos[i, j] > 0 and centred[i] @ u64[j] > 0
+        )
+        median = ratios[(len(ratios) - 1) // 2] if ratios else 1.3
+        expected.append(min(max(median, 0.05 * 1.3), 20 * 1.3))
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_live_mean_second_moment() -> None:
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = torch.optim.Adam([p], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (p.pow(3).sum() * torch.arange(1.0, 7).unsqueeze(1)).sum().backward()
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    ids = torch.tensor([1, 4])
+    resampling.reset_optimizer_state([opt], [Touched(p, ids)], second_moment="live_mean")
+    state, keep = opt.state[p], torch.tensor([0, 2, 3, 5])
+    assert (state["exp_avg"][ids] == 0).all()
+    expected = before["exp_avg_sq"][keep].mean(dim=0)  # per column, over the rows kept
+    torch.testing.assert_close(state["exp_avg_sq"][ids], expected.expand(2, -1))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[key][keep], before[key][keep])
+    assert torch.equal(state["step"], before["step"])
+
+
+@pytest.mark.parametrize(("procedure", "fires"), [("anthropic", False), ("topk", True)])
+def test_topk_procedure_latents_fire_where_anthropics_do_not(procedure: str, fires: bool) -> None:
+    """After a resample of a TopK SAE, the topk procedure's new latents are selected on the
+    next batch; Anthropic's (encoder rows at 0.2 x the live norm) are not."""
+    dm = datamodule()
+    m = module({"name": "topk", "k": 3, "aux_coefficient": 0.0})
+    callback = resampler(procedure=procedure)
+    trainer(3, KillAfterFirstStep(), callback).fit(m, datamodule=dm)
+    ids = torch.tensor(KILLED)
+    assert (m.tokens_since_fired[ids] == 0).all()  # resampled at step 3
+    enc, dec = m.sae.encoder, m.sae.decoder
+    atoms = dec.W_dec.detach()[ids]
+    torch.testing.assert_close(atoms.norm(dim=1), torch.ones(len(ids)))
+    rows = enc.W_enc.detach()[ids]
+    torch.testing.assert_close(rows / rows.norm(dim=1, keepdim=True), atoms)  # same direction
+    assert (enc.b_enc.detach()[ids] == 0).all()
+    if procedure == "topk":  # one norm per latent, not one for all
+        assert rows.norm(dim=1).std() > 0
+    with torch.no_grad():
+        counts = m.sae.encode_codes(dm.generative.batch(3)).fire_counts()[ids]
+    assert bool((counts > 0).all()) is fires, counts
+
+
+def test_procedure_defaults_and_overrides() -> None:
+    assert DeadFeatureResamplerConfig().choices == ("input", "mean_live", "zero")
+    topk = DeadFeatureResamplerConfig(procedure="topk")
+    assert topk.choices == ("residual_clusters", "threshold", "live_mean")
+    mixed = DeadFeatureResamplerConfig(procedure="topk", adam_second_moment="zero")
+    assert mixed.choices == ("residual_clusters", "threshold", "zero")
+    with pytest.raises(ConfigError, match=r"callbacks\.0\.procedure"):
+        registry.build("callbacks", {"name": "resampler", "procedure": "relu"}, field="callbacks.0")

@@ -9,11 +9,20 @@ At every ``every_n_steps`` training steps, at most ``max_resamples`` times:
    computed with the current weights;
 3. each dead latent draws one input with these weights (without replacement while enough
    inputs have a nonzero loss, so two latents do not get the same direction);
-4. its decoder atom becomes the unit-norm input, its encoder row the same direction scaled to
-   ``encoder_norm_scale`` (0.2) x the mean norm of the live encoder rows, its encoder bias 0;
-   sparsity plugins reset their own per-latent state (JumpReLU: the threshold);
+4. its decoder atom becomes the unit-norm direction, its encoder row the same direction with a
+   new norm, its encoder bias 0; sparsity plugins reset their own per-latent state (JumpReLU:
+   the threshold);
 5. the optimizer state (Adam's ``exp_avg`` and ``exp_avg_sq``) of exactly those rows and
-   entries is zeroed, and the latents' dead-window counters restart.
+   entries is reset, and the latents' dead-window counters restart.
+
+``procedure: anthropic`` (the default) is the published recipe for ReLU SAEs: the drawn input
+as direction, encoder rows at ``encoder_norm_scale`` (0.2) x the mean live norm, both Adam
+moments zeroed. ``procedure: topk`` is for the TopK family, where those rows never enter the
+top k or, at full norm, fire too widely and are shut off: directions are centres of k-means
+clusters of the candidates' residuals (seeded by the draws), each row's norm puts its cluster's
+median input at that input's top-k threshold, and Adam's second moment starts at the mean of
+the live rows instead of 0 (a zero second moment makes the first steps 3-6 x lr). See
+docs/resampling.md for the measurements.
 
 Under DDP the inputs of each collected step are all-gathered to rank 0 (in global batch
 order, so the pool is the one a single process would see); rank 0 computes the losses, picks
@@ -26,7 +35,7 @@ identical update. Plugins take part through ``Encoder.resample_rows``,
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -70,6 +79,47 @@ class DeadFeatureResamplerConfig(PluginConfig):
         0.2, gt=0, description="new encoder rows get this x the mean norm of the live rows"
     )
     seed: int = Field(0, ge=0, description="seed of the input draws (combined with the step)")
+    procedure: Literal["anthropic", "topk"] = Field(
+        "anthropic",
+        description="anthropic: Towards Monosemanticity (ReLU SAEs); topk: the variant for "
+        "TopK/BatchTopK SAEs (docs/resampling.md); sets the three choices below",
+    )
+    direction: Literal["input", "residual", "residual_clusters"] | None = Field(
+        None,
+        description="new atoms: the drawn input (anthropic), its residual x - x_hat, or the "
+        "centre of a k-means cluster of the candidates' residuals seeded by the draws (topk); "
+        "null: the procedure's",
+    )
+    encoder_norm: Literal["mean_live", "threshold"] | None = Field(
+        None,
+        description="new encoder rows: encoder_norm_scale x the mean live norm (anthropic), or "
+        "per latent the norm at which its cluster's median input reaches that input's top-k "
+        "threshold (topk); null: the procedure's",
+    )
+    adam_second_moment: Literal["zero", "live_mean"] | None = Field(
+        None,
+        description="zero: reset both Adam moments (anthropic); live_mean: zero the first, set "
+        "the second to the mean of the rows kept, so new rows take steps of the usual size "
+        "rather than 3-6 x lr (topk); null: the procedure's",
+    )
+
+    @property
+    def choices(self) -> tuple[str, str, str]:
+        """``(direction, encoder_norm, adam_second_moment)`` with the procedure's defaults."""
+        default = _PROCEDURES[self.procedure]
+        return (
+            self.direction or default[0],
+            self.encoder_norm or default[1],
+            self.adam_second_moment or default[2],
+        )
+
+
+_PROCEDURES = {
+    "anthropic": ("input", "mean_live", "zero"),
+    "topk": ("residual_clusters", "threshold", "live_mean"),
+}
+_KMEANS_ITERS = 5  # refinement steps of the residual clusters; the draws are the seeds
+_NORM_RANGE = (0.05, 20.0)  # threshold norms, as multiples of the mean live norm
 
 
 class DeadFeatureResampler(pl.Callback):
@@ -190,8 +240,10 @@ class DeadFeatureResampler(pl.Callback):
         self.last_step = step
         for name, member in members.items():
             ids, directions, norm = (t.to(pl_module.device) for t in plan[name])
+            if norm.ndim == 1:  # one norm per latent: (n, 1) scales the (n, d_in) rows
+                norm = norm.unsqueeze(1)
             touched = member.resample_latents(ids, directions, norm) if ids.numel() else []
-            reset_optimizer_state(trainer.optimizers, touched)
+            reset_optimizer_state(trainer.optimizers, touched, second_moment=self.config.choices[2])
             self.total_resampled += ids.numel()
             self._log(trainer, pl_module, f"{name}/" if name else "", ids.numel(), step)
 
@@ -205,7 +257,7 @@ class DeadFeatureResampler(pl.Callback):
     def choose(
         self, member: Any, candidates: Tensor | None, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Pick the dead latents of one SAE and their new directions.
+        """Pick the dead latents of one SAE, their new directions and encoder norms.
 
         Args:
             member: an :class:`~sae_lightning.module.SAEModule` (or one member of a multi-SAE
@@ -215,26 +267,44 @@ class DeadFeatureResampler(pl.Callback):
 
         Returns:
             ``(ids, directions, norm)`` on the CPU: ``(n_dead,)`` latent ids, ``(n_dead, d_in)``
-            unit-norm inputs and the scalar norm of the new encoder rows. Empty ids when no
-            latent is dead or there is nothing to draw from.
+            unit-norm directions and the norm of the new encoder rows: a scalar, or
+            ``(n_dead,)`` with ``encoder_norm: threshold``. Empty ids when no latent is dead
+            or there is nothing to draw from.
         """
         dead = member.dead_mask(self.config.dead_window_tokens)
         ids = dead.nonzero().squeeze(1).cpu()
         d_in = member.sae.d_in
         if ids.numel() == 0 or candidates is None or candidates.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, d_in), torch.zeros(())
-        norms = member.sae.encoder.row_norms().float()
+        direction, encoder_norm, _ = self.config.choices
+        sae = member.sae
+        norms = sae.encoder.row_norms().float()
         alive = ~dead
         mean_alive = norms[alive].mean() if bool(alive.any()) else norms.mean()
         norm = (self.config.encoder_norm_scale * mean_alive).cpu()
 
-        weights = squared_errors(member.sae, candidates).double().pow(2).cpu()
+        residuals = None  # (n, d_in) x - x_hat, when the procedure needs more than the errors
+        if direction != "input" or encoder_norm == "threshold":
+            residuals = (candidates - reconstruct(sae, candidates)).float()
+            errors = residuals.pow(2).sum(dim=1)
+        else:
+            errors = squared_errors(sae, candidates)  # (n,)
+        weights = errors.double().pow(2).cpu()
         if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
             weights = torch.ones_like(weights)  # nothing to prefer: draw uniformly
         replacement = int((weights > 0).sum()) < ids.numel()
         rows = torch.multinomial(weights, ids.numel(), replacement=replacement, generator=generator)
-        chosen = candidates[rows.to(candidates.device)].float()
+        rows = rows.to(candidates.device)
+        if residuals is None or direction == "input":
+            chosen = candidates[rows].float()
+        else:
+            chosen = residuals[rows]
+            if direction == "residual_clusters":
+                chosen = residual_clusters(residuals, errors.float(), chosen)
         directions = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if encoder_norm == "threshold":
+            assert residuals is not None
+            norm = threshold_norms(sae, candidates, residuals, directions, mean_alive).cpu()
         return ids, directions.cpu(), norm
 
     def _log(
@@ -281,20 +351,136 @@ def squared_errors(sae: torch.nn.Module, x: Tensor) -> Tensor:
         sae: a :class:`~sae_lightning.sae.SparseAutoencoder`.
         x: ``(n, d_in)`` inputs.
     """
-    was_training = sae.training
-    sae.eval()
-    try:
-        errors = [(chunk - sae(chunk)).float().pow(2).sum(dim=1) for chunk in x.split(_LOSS_CHUNK)]
-    finally:
-        sae.train(was_training)
-    return torch.cat(errors)
+    return torch.cat(
+        [(c - reconstruct(sae, c)).float().pow(2).sum(dim=1) for c in x.split(_LOSS_CHUNK)]
+    )
 
 
 @torch.no_grad()
-def reset_optimizer_state(optimizers: list[torch.optim.Optimizer], touched: list[Touched]) -> None:
+def assign(residuals: Tensor, directions: Tensor) -> Tensor:
+    """``(n,)`` for each residual the direction it is most aligned with; -1 when none is
+    positively aligned.
+
+    Args:
+        residuals: ``(n, d_in)`` residuals ``x - x_hat``.
+        directions: ``(m, d_in)`` unit-norm directions.
+    """
+    out = []
+    for chunk in residuals.split(_LOSS_CHUNK):
+        cos = (chunk / chunk.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ directions.T
+        best, index = cos.max(dim=1)  # (chunk,)
+        out.append(torch.where(best > 0, index, -1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def residual_clusters(residuals: Tensor, errors: Tensor, seeds: Tensor) -> Tensor:
+    """Refine ``seeds`` into centres of clusters of ``residuals`` (weighted spherical k-means).
+
+    A single badly reconstructed input mixes every atom the SAE misses on it; the mean of the
+    residuals most aligned with it keeps what they share (one missing atom) and averages the
+    rest away. Each residual counts with its squared error, so badly reconstructed inputs
+    dominate, as in the draw. A centre that attracts no residual keeps its seed.
+
+    Args:
+        residuals: ``(n, d_in)`` candidates' residuals ``x - x_hat``.
+        errors: ``(n,)`` their squared errors ``||x - x_hat||^2``.
+        seeds: ``(m, d_in)`` the drawn residuals, one per dead latent.
+
+    Returns:
+        ``(m, d_in)`` unit-norm cluster centres.
+    """
+    centres = seeds / seeds.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for _ in range(_KMEANS_ITERS):
+        index = assign(residuals, centres)
+        keep = index >= 0
+        sums = torch.zeros_like(centres).index_add_(
+            0, index[keep], residuals[keep] * errors[keep].unsqueeze(1)
+        )
+        length = sums.norm(dim=1, keepdim=True)
+        centres = torch.where(length > 0, sums / length.clamp_min(1e-12), centres)
+    return centres
+
+
+@torch.no_grad()
+def threshold_norms(
+    sae: torch.nn.Module, x: Tensor, residuals: Tensor, directions: Tensor, mean_alive: Tensor
+) -> Tensor:
+    """``(m,)`` per new latent, the encoder-row norm at which it enters the top k on the
+    median input of its cluster (the inputs whose residual is most aligned with it).
+
+    An input's threshold is its smallest active latent: a new row ``s * u`` with bias 0 has
+    pre-activation ``s * u . x_c`` (``x_c``: the input as the encoder sees it), so it is
+    selected when ``s >= threshold / (u . x_c)``. Rows at Anthropic's 0.2 x the live norm
+    never reach the top k; rows at the live norm fire on many inputs they cannot help, and the
+    gradient shuts them off (docs/resampling.md). Clamped to [0.05, 20] x ``mean_alive``; a
+    latent with no input in its cluster gets ``mean_alive``.
+    """
+    index = assign(residuals, directions)
+    thresholds, projections = [], []
+    for chunk, ids in zip(x.split(_LOSS_CHUNK), index.split(_LOSS_CHUNK), strict=True):
+        values = encode_values(sae, chunk)  # (chunk, k) or (chunk, d_sae)
+        active = values.masked_fill(values == 0, float("inf")).min(dim=1).values
+        thresholds.append(torch.where(torch.isfinite(active), active, 0.0))
+        centred = chunk - sae.decoder.b_dec if sae.encoder.center_input else chunk
+        u = directions[ids.clamp_min(0)]
+        projections.append((centred.float() * u).sum(dim=1))
+    threshold, projection = torch.cat(thresholds), torch.cat(projections)
+    valid = (index >= 0) & (projection > 0)
+    ratio = threshold[valid] / projection[valid]
+    group = index[valid]
+    # Per-group median: sort by ratio, then stably by group; take each group's middle entry.
+    ratio, order = ratio.sort()
+    group, regroup = group[order].sort(stable=True)
+    ratio = ratio[regroup]
+    counts = torch.bincount(group, minlength=directions.shape[0])
+    starts = counts.cumsum(0) - counts
+    middle = (starts + (counts - 1).clamp_min(0) // 2).clamp_max(max(ratio.numel() - 1, 0))
+    low, high = (f * mean_alive for f in _NORM_RANGE)
+    median = ratio[middle] if ratio.numel() else mean_alive.expand(counts.shape)
+    return torch.where(counts > 0, median.clamp(low, high), mean_alive)
+
+
+@torch.no_grad()
+def encode_values(sae: torch.nn.Module, x: Tensor) -> Tensor:
+    """The code values of ``x`` in eval mode: ``(n, k)`` when sparse, ``(n, d_sae)`` dense."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        return sae.encode_codes(x).values.float()
+    finally:
+        sae.train(was_training)
+
+
+@torch.no_grad()
+def reconstruct(sae: torch.nn.Module, x: Tensor) -> Tensor:
+    """``sae(x)`` in eval mode (no batch statistics, no collectives), chunked."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        return torch.cat([sae(chunk) for chunk in x.split(_LOSS_CHUNK)])
+    finally:
+        sae.train(was_training)
+
+
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam / AMSGrad
+
+
+@torch.no_grad()
+def reset_optimizer_state(
+    optimizers: list[torch.optim.Optimizer],
+    touched: list[Touched],
+    second_moment: Literal["zero", "live_mean"] = "zero",
+) -> None:
     """Zero every per-element optimizer state (Adam moments...) of the ``touched`` slices.
 
     Per-parameter scalars such as Adam's ``step`` are shared by all rows and left alone.
+
+    Args:
+        optimizers: the trainer's optimizers; the one holding each parameter is reset.
+        touched: the rewritten parameter slices.
+        second_moment: ``"live_mean"`` sets Adam's second moment of the slices to the mean of
+            the slices kept (per remaining coordinate) instead of zero (see docs/resampling.md).
     """
     for param, index, dim in touched:
         for optimizer in optimizers:
@@ -302,5 +488,16 @@ def reset_optimizer_state(optimizers: list[torch.optim.Optimizer], touched: list
             if not state:
                 continue
             for key, value in state.items():
-                if key != "step" and isinstance(value, Tensor) and value.shape == param.shape:
-                    value.index_fill_(dim, index.to(value.device), 0)
+                if key == "step" or not isinstance(value, Tensor) or value.shape != param.shape:
+                    continue
+                ids = index.to(value.device)
+                if second_moment == "live_mean" and key in _SECOND_MOMENTS:
+                    keep = torch.ones(value.shape[dim], dtype=torch.bool, device=value.device)
+                    keep[ids] = False
+                    if bool(keep.any()):
+                        mean = value.index_select(dim, keep.nonzero().squeeze(1)).mean(
+                            dim=dim, keepdim=True
+                        )
+                        value.index_copy_(dim, ids, mean.expand_as(value.index_select(dim, ids)))
+                        continue
+                value.index_fill_(dim, ids, 0)
