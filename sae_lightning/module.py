@@ -277,7 +277,7 @@ class SAEModule(pl.LightningModule):
         Args:
             ids: ``(n,)`` latent ids.
             directions: ``(n, d_in)`` unit-norm new directions.
-            encoder_norm: scalar, the L2 norm of the new encoder rows.
+            encoder_norm: the L2 norm of the new encoder rows, a scalar or ``(n, 1)``.
 
         Returns:
             Every parameter slice rewritten, for the caller to reset its optimizer state.

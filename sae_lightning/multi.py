@@ -148,7 +148,6 @@ class MultiSAEModule(pl.LightningModule):
             member.update_validation(x, step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
-        report = getattr(self.trainer.datamodule, "reference_metrics", None)
         for name, member in self.saes.items():
             results, density = member.validation_results()
             for key, value in results.items():
@@ -159,9 +158,6 @@ class MultiSAEModule(pl.LightningModule):
                     torch.log10(density.clamp_min(1e-10)).cpu(),
                     self.global_step,
                 )
-            if report is not None and not self.trainer.sanity_checking:
-                for key, value in report(member.sae).items():
-                    self.log(f"{name}/val/{key}", float(value), sync_dist=True)
 
     # ---- checkpoints and export -----------------------------------------------------------
 

@@ -170,11 +170,10 @@ def build_run(
     callbacks: list[pl.Callback] = [
         checkpoint_callback(recipe),
         LearningRateMonitor(logging_interval="step"),
+        ReferenceMetrics(),
         NonFiniteGuard(),
         *monitoring_callbacks(),
     ]
-    if hasattr(module, "sae"):  # a multi-SAE module logs each member's reference metrics
-        callbacks.insert(2, ReferenceMetrics())
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))

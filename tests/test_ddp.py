@@ -91,6 +91,15 @@ def test_a_failing_rank_stops_the_job_with_one_error(rank: int) -> None:
     assert elapsed < 60, f"the job took {elapsed:.0f} s to stop"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_nan_weight_on_one_rank_is_reported_once_naming_the_rank(rank: int) -> None:
+    proc = run([sys.executable, str(SCRIPTS / "fail_on_rank.py"), str(rank), "nan"], timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count("error: non-finite") == 1, output[-3000:]
+    assert f"on rank(s) {rank}" in output, output[-3000:]
+
+
 def test_cli_fit_on_two_cpu_processes(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     cli = [

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from sae_lightning.callbacks import ReferenceMetrics
 from sae_lightning.data.synthetic import SyntheticConfig, SyntheticDataModule
 from sae_lightning.errors import ConfigError
 from sae_lightning.module import SAEModule
@@ -52,6 +53,7 @@ def trainer(**extra: Any) -> pl.Trainer:
         enable_model_summary=False,
         val_check_interval=STEPS,
         num_sanity_val_steps=0,
+        callbacks=[ReferenceMetrics()],
         **extra,
     )
 

@@ -161,7 +161,8 @@ class Encoder(Plugin, nn.Module):
         Args:
             ids: ``(n,)`` latent ids to rewrite.
             directions: ``(n, d_in)`` unit-norm directions, one per id.
-            norm: scalar tensor, the L2 norm to give each new row.
+            norm: the L2 norm to give each new row: a scalar tensor, or ``(n, 1)`` with one
+                norm per row (the ``topk`` resampling procedure sets each row's own).
 
         Returns:
             Every parameter slice that was rewritten, so its optimizer state can be reset.

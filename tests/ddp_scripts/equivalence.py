@@ -42,6 +42,8 @@ class Case:
     resample: bool = False
     loss: dict[str, Any] = field(default_factory=dict)
     multi: bool = False
+    resampler: dict[str, Any] = field(default_factory=dict)
+    """Extra :class:`DeadFeatureResamplerConfig` fields (e.g. ``procedure``)."""
 
 
 # Without resampling no latent dies within 8 steps, so AuxK (on by default for the TopK family)
@@ -65,6 +67,13 @@ CASES: dict[str, Case] = {
         multi=True,
     ),
     "topk+resample+auxk": Case({"": SPARSITY["topk"]}, True),
+    # The TopK procedure: k-means directions, per-row threshold norms, live-mean Adam moments.
+    **{
+        f"{name}+resample_topk": Case(
+            {"": {**SPARSITY[name], **NO_AUXK}}, True, resampler={"procedure": "topk"}
+        )
+        for name in ("topk", "batchtopk")
+    },
     "batchtopk+resample+auxk": Case({"": SPARSITY["batchtopk"]}, True),
 }
 
@@ -111,7 +120,9 @@ def train(name: str, devices: int) -> tuple[pl.LightningModule, DeadFeatureResam
             for member in module.members().values():
                 member.sae.encoder.b_enc[:N_KILLED] = -10.0
         resampler = DeadFeatureResampler(
-            DeadFeatureResamplerConfig(every_n_steps=3, max_resamples=2, n_candidates=2 * BATCH)
+            DeadFeatureResamplerConfig(
+                every_n_steps=3, max_resamples=2, n_candidates=2 * BATCH, **case.resampler
+            )
         )
         callbacks.append(resampler)
     trainer = pl.Trainer(
