@@ -3,16 +3,22 @@
 Because batch ``t`` is always the same tensor, a run resumed at step ``t`` sees exactly the data
 an uninterrupted run would have seen, and each DDP rank takes its own slice of the same global
 batch, so ``world_size`` processes train on what one process would.
+:class:`IndexedDataModule` is the DataModule side of it: the checkpointed position, batch
+validation and the loaders, shared by every data module built on such batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from sae_lightning.data.validation import BatchValidator
+from sae_lightning.errors import ConfigError
 
 BatchFn = Callable[[int], Tensor]
 """``make_batch(t) -> (global_batch, d_in)``: deterministic in ``t``."""
@@ -71,3 +77,97 @@ class ConsumedBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state.get("batches_consumed", 0))
+
+
+class BatchSizes(Protocol):
+    """The config fields :class:`IndexedDataModule` reads."""
+
+    batch_size: int
+    """Global training batch size, split across ranks."""
+    val_batch_size: int
+    """Validation batch size."""
+
+
+class IndexedDataModule(pl.LightningDataModule):
+    """A DataModule whose training batch ``t`` is a pure function of ``(seed, t)``.
+
+    Why: with batches recomputed from their index, the position (number of batches consumed)
+    is the whole checkpoint state of the stream, so a resumed run continues with exactly the
+    batch an uninterrupted run would have seen, and every DDP rank can build its own slice.
+
+    A subclass sets ``config`` (with ``batch_size`` and ``val_batch_size``) and ``validator``
+    (a :class:`BatchValidator`; it may stay None until ``setup``), calls
+    :meth:`check_batch_size` in ``setup``, and implements :meth:`rank_batch` and
+    :meth:`validation_data`. This class gives the loaders, the per-batch validation that also
+    counts consumed batches, and ``state_dict``/``load_state_dict`` (position and dropped
+    rows; extend them for more state).
+
+    Attributes:
+        split_validation: each rank validates its own strided slice of the validation set
+            (True), or every rank validates all of it (False).
+    """
+
+    config: BatchSizes
+    split_validation: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.consumed = ConsumedBatches()
+        self.validator: BatchValidator | None = None
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """``(global_rank, world_size)`` of this process, ``(0, 1)`` without a trainer."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def check_batch_size(self) -> None:
+        """Refuse a global batch that does not split evenly across the ranks.
+
+        Raises:
+            ConfigError: naming ``data.batch_size``.
+        """
+        world = self.rank_and_world()[1]
+        if self.config.batch_size % world:
+            raise ConfigError(
+                "data.batch_size",
+                f"{self.config.batch_size} is not divisible by the {world} ranks",
+                "use a multiple of the number of devices",
+            )
+
+    def rank_batch(self, t: int) -> Tensor:  # pragma: no cover - protocol
+        """This rank's rows of global training batch ``t``: identical for the same seed and
+        ``t``, whatever ran before."""
+        raise NotImplementedError
+
+    def validation_data(self) -> Tensor:  # pragma: no cover - protocol
+        """The whole validation set at the training grid (after ``setup``)."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        stream = IndexedBatchStream(self.rank_batch, self.consumed.count)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        val = self.validation_data()
+        if self.split_validation:
+            rank, world = self.rank_and_world()
+            val = val[rank::world]
+        return DataLoader(TensorDataset(val), batch_size=self.config.val_batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and self.validator is not None:
+            self.consumed.count += 1
+            return self.validator(batch, self.consumed.count - 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.consumed.state_dict())
+        if self.validator is not None:
+            state.update(self.validator.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consumed.load_state_dict(state_dict)
+        if self.validator is not None:
+            self.validator.load_state_dict(state_dict)

@@ -8,18 +8,13 @@ the SAE recovers it (MMCS and the fraction of atoms found at cosine >= 0.9).
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning.pytorch as pl
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from sae_lightning.config import PluginConfig
-from sae_lightning.data.stream import ConsumedBatches, IndexedBatchStream, seeded_generator
+from sae_lightning.data.stream import IndexedDataModule, seeded_generator
 from sae_lightning.data.validation import BatchValidator, NonFinitePolicy
-from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import dictionary_recovery
 
 _TRAIN, _VAL, _DICT = 0, 1, 2  # stream ids for seeded_generator
@@ -88,10 +83,11 @@ class SparseGenerativeModel:
         return self.sample(self.config.batch_size, seeded_generator(self.seed, _TRAIN, t))
 
 
-class SyntheticDataModule(pl.LightningDataModule):
+class SyntheticDataModule(IndexedDataModule):
     """Sparse superposition x = D z + noise with a known dictionary; reports MMCS recovery."""
 
     Config = SyntheticConfig
+    split_validation = False  # every rank validates the whole set
 
     def __init__(self, config: SyntheticConfig, *, seed: int = 0) -> None:
         super().__init__()
@@ -99,7 +95,6 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.generative = SparseGenerativeModel(
             config, config.seed if config.seed is not None else seed
         )
-        self.consumed = ConsumedBatches()
         self.validator = BatchValidator(config.d, config.nonfinite, source="synthetic data")
         self._val: Tensor | None = None
 
@@ -109,39 +104,21 @@ class SyntheticDataModule(pl.LightningDataModule):
         return self.config.d
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None and self.config.batch_size % self.trainer.world_size:
-            raise ConfigError(
-                "data.batch_size",
-                f"{self.config.batch_size} is not divisible by the {self.trainer.world_size} ranks",
-                "use a multiple of the number of devices",
-            )
+        self.check_batch_size()
         if self._val is None:
             self._val = self.generative.sample(
                 self.config.val_samples, seeded_generator(self.generative.seed, _VAL)
             )
 
-    def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        world = self.trainer.world_size if self.trainer is not None else 1
-        stream = IndexedBatchStream(self.generative.batch, self.consumed.count, rank, world)
-        return DataLoader(stream, batch_size=None, num_workers=0)
+    def rank_batch(self, t: int) -> Tensor:
+        """This rank's contiguous slice of global batch ``t``."""
+        rank, world = self.rank_and_world()
+        per_rank = self.config.batch_size // world
+        return self.generative.batch(t)[rank * per_rank : (rank + 1) * per_rank]
 
-    def val_dataloader(self) -> DataLoader:
+    def validation_data(self) -> Tensor:
         assert self._val is not None, "call setup() first"
-        return DataLoader(TensorDataset(self._val), batch_size=self.config.val_batch_size)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.consumed.count += 1
-            return self.validator(batch, self.consumed.count - 1)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.consumed.state_dict(), **self.validator.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.consumed.load_state_dict(state_dict)
-        self.validator.load_state_dict(state_dict)
+        return self._val
 
     def reference_metrics(self, sae: torch.nn.Module) -> dict[str, float]:
         """Recovery of the true dictionary by ``sae.atoms()`` (MMCS, fraction at cos >= 0.9)."""

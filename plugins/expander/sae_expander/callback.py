@@ -17,6 +17,7 @@ from sae_expander.omp import encode_omp
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import FractionOfVarianceUnexplained
+from sae_lightning.module import as_tensor
 
 
 class OMPEvaluationConfig(PluginConfig):
@@ -72,7 +73,7 @@ class OMPEvaluation(pl.Callback):
     ) -> None:
         if trainer.sanity_checking or self.fvu is None:
             return
-        x = batch[0] if isinstance(batch, tuple | list) else batch
+        x = as_tensor(batch)
         if self.config.max_samples is not None:
             x = x[: max(self.config.max_samples - self.seen, 0)]
         if x.shape[0] == 0:

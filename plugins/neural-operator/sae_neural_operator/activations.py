@@ -26,18 +26,15 @@ Two backends:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from sae_lightning.config import PluginConfig
-from sae_lightning.data.stream import ConsumedBatches, seeded_generator
+from sae_lightning.data.stream import IndexedDataModule, seeded_generator
 from sae_lightning.data.validation import BatchValidator, NonFinitePolicy
 from sae_lightning.errors import ConfigError
 from sae_lightning.lm.hooks import StopForward, first_tensor, resolve_hooks
@@ -174,21 +171,7 @@ def record(model: nn.Module, module_path: str, call: int, inputs: Tensor) -> Ten
     return out
 
 
-class _ActivationStream(IterableDataset):
-    """Yields this rank's slice of training batches ``start, start + 1, ...`` (endless)."""
-
-    def __init__(self, datamodule: FNOActivationsDataModule, start: int, rank: int, world: int):
-        super().__init__()
-        self.datamodule, self.start, self.rank, self.world = datamodule, start, rank, world
-
-    def __iter__(self) -> Iterator[Tensor]:
-        t = self.start
-        while True:
-            yield self.datamodule.batch(t, self.rank, self.world)
-            t += 1
-
-
-class FNOActivationsDataModule(pl.LightningDataModule):
+class FNOActivationsDataModule(IndexedDataModule):
     """Hooked FNO activations (batch, width, H, W) on Darcy inputs (see the module doc).
 
     Raises:
@@ -197,6 +180,7 @@ class FNOActivationsDataModule(pl.LightningDataModule):
     """
 
     Config = FNOActivationsConfig
+    split_validation = False  # every rank validates the whole set
 
     def __init__(self, config: FNOActivationsConfig, *, seed: int = 0) -> None:
         super().__init__()
@@ -230,7 +214,6 @@ class FNOActivationsDataModule(pl.LightningDataModule):
                 "hook a Fourier block (project: blocks.<i>; neuralop: fno_blocks)",
             )
         self._d_in = int(probe.shape[1])
-        self.consumed = ConsumedBatches()
         self.validator = BatchValidator(self._d_in, config.nonfinite, source="fno activations")
         self._val: Tensor | None = None
 
@@ -301,37 +284,17 @@ class FNOActivationsDataModule(pl.LightningDataModule):
         acts = [self.activations(chunk) for chunk in a.split(self.config.val_batch_size)]
         return torch.cat(acts), None
 
+    def rank_batch(self, t: int) -> Tensor:
+        """This rank's slice of training batch ``t`` (:meth:`batch` for this process)."""
+        return self.batch(t, *self.rank_and_world())
+
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None and self.config.batch_size % self.trainer.world_size:
-            raise ConfigError(
-                "data.batch_size",
-                f"{self.config.batch_size} is not divisible by the {self.trainer.world_size} ranks",
-                "use a multiple of the number of devices",
-            )
+        self.check_batch_size()
         if self._val is None:
             self._val = self.validation_set(self.train_grid)[0]
 
-    def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        world = self.trainer.world_size if self.trainer is not None else 1
-        stream = _ActivationStream(self, self.consumed.count, rank, world)
-        return DataLoader(stream, batch_size=None, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
+    def validation_data(self) -> Tensor:
         if self._val is None:
             self.setup("validate")
         assert self._val is not None
-        return DataLoader(TensorDataset(self._val), batch_size=self.config.val_batch_size)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.consumed.count += 1
-            return self.validator(batch, self.consumed.count - 1)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.consumed.state_dict(), **self.validator.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.consumed.load_state_dict(state_dict)
-        self.validator.load_state_dict(state_dict)
+        return self._val

@@ -36,14 +36,15 @@ from torch import Tensor, nn
 from sae_lightning.components.base import Codes, Decoder, Encoder
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
-from sae_neural_operator.encoders import circular_pad
+from sae_lightning.functional import quadrature_weight
+from sae_neural_operator.encoders import circular_convolve
 from sae_neural_operator.lifting import (
     Grid,
     Modes,
-    check_lifting_width,
+    channel_vector,
     check_same_grid,
+    lifting_width,
     orthonormal_lifting,
-    quadrature,
 )
 from sae_neural_operator.spectral import SpectralConv
 
@@ -60,9 +61,15 @@ _INIT_FROM_ENCODER = Field(
 
 
 class FunctionDecoder(Decoder):
-    """Base of the function decoders: concept functions and a per-channel bias."""
+    """Base of the function decoders: concept functions, a per-channel bias, unit-norm atoms.
+
+    ``kind`` is the registered name, for messages. Subclasses give :meth:`atom_norms` and
+    :meth:`_scale_atoms_`; the base rescales the concepts to unit norm after every optimizer
+    step when the config's ``unit_norm`` is set (every function decoder config has it).
+    """
 
     convolutional: ClassVar[bool] = False
+    kind: ClassVar[str] = "function"
 
     def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
@@ -72,12 +79,23 @@ class FunctionDecoder(Decoder):
         """``(p, C, *grid)``: concept ``j``'s dictionary function sampled on ``grid``."""
         raise NotImplementedError
 
-    def _bias(self, out: Tensor) -> Tensor:
-        return out + self.b_dec.view(1, -1, *([1] * (out.ndim - 2))).to(out.dtype)
-
     def forward(self, codes: Codes) -> Tensor:
         """``(B, C, *grid)`` reconstruction: the dictionary term plus ``b_dec`` per channel."""
-        return self._bias(self.decode_without_bias(codes))
+        out = self.decode_without_bias(codes)
+        return out + channel_vector(self.b_dec, out)
+
+    def _scale_atoms_(self, scale: Tensor) -> None:  # pragma: no cover - protocol
+        """Multiply concept ``j`` by ``scale[j]`` in place."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _normalise(self) -> None:
+        self._scale_atoms_(1.0 / self.atom_norms().clamp_min(1e-12))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.config.unit_norm:
+            self._normalise()
 
 
 def _scale_rows_(param: Tensor, scale: Tensor) -> None:
@@ -85,17 +103,15 @@ def _scale_rows_(param: Tensor, scale: Tensor) -> None:
     param.mul_(scale.view(-1, *([1] * (param.ndim - 1))).to(param.dtype))
 
 
+def _transposed_lifting(encoder: Encoder, width: int, dim: int) -> Tensor | None:
+    """``P^T`` ``(dim, width)`` of a lifted encoder whose ``P`` is ``(width, dim)``, else None."""
+    p_enc = getattr(encoder, "P", None)
+    if isinstance(p_enc, Tensor) and p_enc.shape == (width, dim):
+        return p_enc.detach().t().clone()
+    return None
+
+
 # ---- vector codes: SAE-MLP and the lifted SAE -----------------------------------------------
-
-
-def _vector_codes(codes: Codes, who: str) -> Codes:
-    if codes.values.ndim != 2:
-        raise ValueError(
-            f"{who} decoder: expected vector codes (batch, d_sae) or sparse (batch, k), got "
-            f"concept maps of shape {tuple(codes.values.shape)}; pair it with the 'sae_mlp' or "
-            f"'lifted' encoder, or use a map decoder ('fno', 'lifted_fno', 'cnn')"
-        )
-    return codes
 
 
 def _encoder_grid(config_grid: tuple[int, ...] | None, encoder: Encoder) -> tuple[int, ...]:
@@ -111,6 +127,43 @@ def _encoder_grid(config_grid: tuple[int, ...] | None, encoder: Encoder) -> tupl
     return tuple(grid)
 
 
+class FlatFunctionDecoder(FunctionDecoder):
+    """Vector codes, concepts stored flattened on the training grid: ``atoms()`` row ``j`` is
+    ``vec(d_j)`` ``(C |N|)``, and the concepts exist only at that grid.
+
+    Subclasses set ``grid`` and give :meth:`_decode_flat`.
+    """
+
+    grid: tuple[int, ...]
+
+    def _decode_flat(self, codes: Codes) -> Tensor:  # pragma: no cover - protocol
+        """``(B, C |N|)`` flattened dictionary term of vector codes."""
+        raise NotImplementedError
+
+    def decode_without_bias(self, codes: Codes) -> Tensor:
+        if codes.values.ndim != 2:
+            raise ValueError(
+                f"{self.kind} decoder: expected vector codes (batch, d_sae) or sparse (batch, k), "
+                f"got concept maps of shape {tuple(codes.values.shape)}; pair it with the "
+                "'sae_mlp' or 'lifted' encoder, or use a map decoder ('fno', 'lifted_fno', 'cnn')"
+            )
+        flat = self._decode_flat(codes)
+        return flat.view(flat.shape[0], self.d_in, *self.grid)
+
+    def atom_norms(self) -> Tensor:
+        """``(p,)`` L2 norms of the concept functions (quadrature)."""
+        return self.atoms().norm(dim=1) * math.sqrt(quadrature_weight(self.grid))
+
+    def concept_functions(self, grid: tuple[int, ...]) -> Tensor:
+        """``(p, C, *grid)`` the atoms reshaped; only at the training grid.
+
+        Raises:
+            ValueError: ``grid`` is not the training grid.
+        """
+        check_same_grid(tuple(grid), self.grid, f"{self.kind} decoder")
+        return self.atoms().reshape(self.d_sae, self.d_in, *self.grid)
+
+
 class MLPFunctionDecoderConfig(PluginConfig):
     grid: Grid | None = Field(
         None,
@@ -121,7 +174,7 @@ class MLPFunctionDecoderConfig(PluginConfig):
     init_from_encoder: bool = _INIT_FROM_ENCODER
 
 
-class MLPFunctionDecoder(FunctionDecoder):
+class MLPFunctionDecoder(FlatFunctionDecoder):
     """SAE-MLP decoder: u_hat = sum_j z_j d_j + b_dec with d_j stored on the training grid.
 
     ``W_dec`` ``(p, C |N|)`` holds ``vec(d_j)`` per row; the output is reshaped to
@@ -130,7 +183,7 @@ class MLPFunctionDecoder(FunctionDecoder):
 
     Config = MLPFunctionDecoderConfig
     config: MLPFunctionDecoderConfig
-    convolutional = False
+    kind = "sae_mlp"
 
     def __init__(
         self, config: MLPFunctionDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
@@ -149,31 +202,11 @@ class MLPFunctionDecoder(FunctionDecoder):
     def atoms(self) -> Tensor:
         return self.W_dec
 
-    def atom_norms(self) -> Tensor:
-        """``(p,)`` L2 norms of the concept functions (quadrature)."""
-        return self.W_dec.norm(dim=1) * math.sqrt(quadrature(self.grid))
+    def _decode_flat(self, codes: Codes) -> Tensor:
+        return Decoder.decode_without_bias(self, codes)  # dense, or gathers k rows
 
-    def decode_without_bias(self, codes: Codes) -> Tensor:
-        flat = super().decode_without_bias(_vector_codes(codes, "sae_mlp"))  # (B, C |N|)
-        return flat.view(flat.shape[0], self.d_in, *self.grid)
-
-    def concept_functions(self, grid: tuple[int, ...]) -> Tensor:
-        """``(p, C, *grid)`` the rows of ``W_dec`` reshaped; only at the training grid.
-
-        Raises:
-            ValueError: ``grid`` is not the training grid.
-        """
-        check_same_grid(tuple(grid), self.grid, "sae_mlp decoder")
-        return self.W_dec.view(self.d_sae, self.d_in, *self.grid)
-
-    @torch.no_grad()
-    def _normalise(self) -> None:
-        _scale_rows_(self.W_dec, 1.0 / self.atom_norms().clamp_min(1e-12))
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        if self.config.unit_norm:
-            self._normalise()
+    def _scale_atoms_(self, scale: Tensor) -> None:
+        _scale_rows_(self.W_dec, scale)
 
 
 class LiftedDecoderConfig(PluginConfig):
@@ -189,7 +222,7 @@ class LiftedDecoderConfig(PluginConfig):
     init_from_encoder: bool = _INIT_FROM_ENCODER
 
 
-class LiftedDecoder(FunctionDecoder):
+class LiftedDecoder(FlatFunctionDecoder):
     """L-SAE decoder: u_hat = Q W_d z + b_dec with a learned projection Q (m x h).
 
     ``W_dec`` ``(h, p)`` and ``Q`` ``(m, h)``: concept ``j``'s function is column ``j`` of the
@@ -200,7 +233,7 @@ class LiftedDecoder(FunctionDecoder):
 
     Config = LiftedDecoderConfig
     config: LiftedDecoderConfig
-    convolutional = False
+    kind = "lifted"
 
     def __init__(
         self, config: LiftedDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
@@ -208,19 +241,12 @@ class LiftedDecoder(FunctionDecoder):
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
         self.grid = _encoder_grid(config.grid, encoder)
         m = d_in * math.prod(self.grid)
-        h = config.lifting_width or getattr(encoder, "lifting_width", None) or 2 * m
-        check_lifting_width(h, m)
+        h = lifting_width(config.lifting_width, m, getattr(encoder, "lifting_width", None))
         self.lifting_width = h
-        p_enc = getattr(encoder, "P", None)
+        q = _transposed_lifting(encoder, h, m) if config.init_from_encoder else None
         effective = getattr(encoder, "effective_weight", None)
-        if (
-            config.init_from_encoder
-            and isinstance(p_enc, Tensor)
-            and p_enc.shape == (h, m)
-            and callable(effective)
-        ):
-            q = p_enc.detach().t().clone()  # (m, h), orthonormal rows at the encoder's init
-            atoms = effective().detach()  # (p, m)
+        if q is not None and callable(effective):
+            atoms = effective().detach()  # (p, m); q: (m, h), orthonormal rows at its init
         else:
             q = orthonormal_lifting(h, m).t()
             atoms = torch.randn(d_sae, m)
@@ -231,33 +257,12 @@ class LiftedDecoder(FunctionDecoder):
     def atoms(self) -> Tensor:
         return (self.Q @ self.W_dec).t()  # (p, m)
 
-    def atom_norms(self) -> Tensor:
-        """``(p,)`` L2 norms of the concept functions ``Q W_dec[:, j]`` (quadrature)."""
-        return (self.Q @ self.W_dec).norm(dim=0) * math.sqrt(quadrature(self.grid))
+    def _decode_flat(self, codes: Codes) -> Tensor:
+        z = codes.dense()  # (B, p)
+        return (z.to(self.W_dec.dtype) @ self.W_dec.t()) @ self.Q.t()  # (B, h) -> (B, m)
 
-    def decode_without_bias(self, codes: Codes) -> Tensor:
-        z = _vector_codes(codes, "lifted").dense()  # (B, p)
-        flat = (z.to(self.W_dec.dtype) @ self.W_dec.t()) @ self.Q.t()  # (B, h) -> (B, m)
-        return flat.view(flat.shape[0], self.d_in, *self.grid)
-
-    def concept_functions(self, grid: tuple[int, ...]) -> Tensor:
-        """``(p, C, *grid)`` the columns of ``Q W_dec`` reshaped; only at the training grid.
-
-        Raises:
-            ValueError: ``grid`` is not the training grid.
-        """
-        check_same_grid(tuple(grid), self.grid, "lifted decoder")
-        return self.atoms().reshape(self.d_sae, self.d_in, *self.grid)
-
-    @torch.no_grad()
-    def _normalise(self) -> None:
-        scale = 1.0 / self.atom_norms().clamp_min(1e-12)
-        self.W_dec.mul_(scale.unsqueeze(0).to(self.W_dec.dtype))
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        if self.config.unit_norm:
-            self._normalise()
+    def _scale_atoms_(self, scale: Tensor) -> None:
+        self.W_dec.mul_(scale.unsqueeze(0).to(self.W_dec.dtype))  # column j of (h, p)
 
 
 # ---- concept maps: SAE-FNO, the lifted SAE-FNO and SAE-CNN ----------------------------------
@@ -343,21 +348,36 @@ class FNODecoder(FunctionDecoder):
     Config = FNODecoderConfig
     config: FNODecoderConfig
     convolutional = True
+    kind = "fno"
 
     def __init__(
         self, config: FNODecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
     ) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
-        self.spectral = _decoder_spectral(config, encoder, d_sae, d_in)
-        self.dims = self.spectral.dims
-        matched = _matched_weight(encoder, self.spectral) if config.init_from_encoder else None
+        matched = self._build_spectral(config, encoder, d_in)
         if matched is not None:
-            with torch.no_grad():
-                self.spectral.weight.copy_(matched)
+            self._load_spectral(matched)
         self._normalise()
 
+    def _build_spectral(
+        self, config: FNODecoderConfig, encoder: Encoder, channels: int
+    ) -> Tensor | None:
+        """Set the spectral layer ``p -> channels``; return the encoder's matched filter for it
+        (None when it does not fit or ``init_from_encoder`` is off)."""
+        self.spectral = _decoder_spectral(config, encoder, self.d_sae, channels)
+        self.dims = self.spectral.dims
+        return _matched_weight(encoder, self.spectral) if config.init_from_encoder else None
+
+    @torch.no_grad()
+    def _load_spectral(self, weight: Tensor) -> None:
+        self.spectral.weight.copy_(weight)
+
+    def _project(self, v: Tensor) -> Tensor:
+        """The spectral layer's output channels to the ``C`` data channels (identity here)."""
+        return v
+
     def _kernels(self, grid: tuple[int, ...]) -> Tensor:
-        return self.spectral.kernel(grid)  # (p, C, *grid)
+        return self._project(self.spectral.kernel(grid))  # (p, C, *grid)
 
     def concept_functions(self, grid: tuple[int, ...]) -> Tensor:
         """``(p, C, *grid)``: kernel ``d_j`` sampled on ``grid`` (any grid >= 2M per axis)."""
@@ -369,23 +389,14 @@ class FNODecoder(FunctionDecoder):
     def atom_norms(self) -> Tensor:
         """``(p,)`` exact L2 norms of the concept functions (quadrature on the 2M grid)."""
         grid = self.spectral.min_grid()
-        sq = self._kernels(grid).pow(2).flatten(1).sum(dim=1) * quadrature(grid)
+        sq = self._kernels(grid).pow(2).flatten(1).sum(dim=1) * quadrature_weight(grid)
         return sq.sqrt()
 
     def decode_without_bias(self, codes: Codes) -> Tensor:
-        return self._convolve(_map_codes(codes, self.dims, "fno"))
+        return self._project(self.spectral(_map_codes(codes, self.dims, self.kind)))
 
-    def _convolve(self, z: Tensor) -> Tensor:
-        return self.spectral(z)
-
-    @torch.no_grad()
-    def _normalise(self) -> None:
-        _scale_rows_(self.spectral.weight, 1.0 / self.atom_norms().clamp_min(1e-12))
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        if self.config.unit_norm:
-            self._normalise()
+    def _scale_atoms_(self, scale: Tensor) -> None:
+        _scale_rows_(self.spectral.weight, scale)
 
 
 class LiftedFNODecoderConfig(FNODecoderConfig):
@@ -408,37 +419,25 @@ class LiftedFNODecoder(FNODecoder):
 
     Config = LiftedFNODecoderConfig
     config: LiftedFNODecoderConfig
+    kind = "lifted_fno"
 
     def __init__(
         self, config: LiftedFNODecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
     ) -> None:
         FunctionDecoder.__init__(self, config, d_in=d_in, d_sae=d_sae, encoder=encoder)
-        h = config.lifting_width or getattr(encoder, "lifting_width", None) or 2 * d_in
-        check_lifting_width(h, d_in)
+        h = lifting_width(config.lifting_width, d_in, getattr(encoder, "lifting_width", None))
         self.lifting_width = h
-        self.spectral = _decoder_spectral(config, encoder, d_sae, h)
-        self.dims = self.spectral.dims
-        p_enc = getattr(encoder, "P", None)
-        matched = _matched_weight(encoder, self.spectral) if config.init_from_encoder else None
-        if matched is not None and isinstance(p_enc, Tensor) and p_enc.shape == (h, d_in):
-            q = p_enc.detach().t().clone()
-            with torch.no_grad():
-                self.spectral.weight.copy_(matched)
+        matched = self._build_spectral(config, encoder, h)
+        q = _transposed_lifting(encoder, h, d_in)
+        if matched is not None and q is not None:
+            self._load_spectral(matched)
         else:
             q = orthonormal_lifting(h, d_in).t()
         self.Q = nn.Parameter(q)  # (C, h)
         self._normalise()
 
-    def _kernels(self, grid: tuple[int, ...]) -> Tensor:
-        k = self.spectral.kernel(grid)  # (p, h, *grid)
-        return torch.einsum("ch,ph...->pc...", self.Q.to(k.dtype), k)
-
-    def _convolve(self, z: Tensor) -> Tensor:
-        v = self.spectral(z)  # (B, h, *grid)
-        return torch.einsum("ch,bh...->bc...", self.Q.to(v.dtype), v)
-
-    def decode_without_bias(self, codes: Codes) -> Tensor:
-        return self._convolve(_map_codes(codes, self.dims, "lifted_fno"))
+    def _project(self, v: Tensor) -> Tensor:
+        return torch.einsum("ch,bh...->bc...", self.Q.to(v.dtype), v)  # (B, h, ...) -> (B, C, ...)
 
 
 class CNNDecoderConfig(PluginConfig):
@@ -459,14 +458,15 @@ class CNNDecoder(FunctionDecoder):
     ``u_hat_c[n] = sum_{j, m} W_dec[j, c, m] z_j[n - (m - K//2)] + b_dec[c]`` (indices mod N):
     kernel value ``m`` sits at offset ``m - K//2`` from the code's point. Like the encoder it
     is defined in grid points, not on the domain, so it does not transfer across resolutions.
-    ``atoms()`` are the kernels ``(p, C * prod(K))``; ``concept_functions(grid)`` the response
-    to a unit-mass impulse (value ``|N|`` at the origin), i.e. ``|N| w_j`` placed at its
-    offsets; unit norm applies to the kernel as a vector.
+    ``atoms()`` are the kernels ``(p, C * prod(K))`` (``atom_norms`` their Euclidean norms);
+    ``concept_functions(grid)`` the response to a unit-mass impulse (value ``|N|`` at the
+    origin), i.e. ``|N| w_j`` placed at its offsets; unit norm applies to the kernel as a vector.
     """
 
     Config = CNNDecoderConfig
     config: CNNDecoderConfig
     convolutional = True
+    kind = "cnn"
 
     def __init__(
         self, config: CNNDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
@@ -493,17 +493,9 @@ class CNNDecoder(FunctionDecoder):
     def atoms(self) -> Tensor:
         return self.W_dec.flatten(1)
 
-    def atom_norms(self) -> Tensor:
-        """``(p,)`` Euclidean norms of the kernels."""
-        return self.W_dec.flatten(1).norm(dim=1)
-
     def decode_without_bias(self, codes: Codes) -> Tensor:
-        z = _map_codes(codes, self.dims, "cnn")
-        padded = circular_pad(z, self.kernel_size, flipped=True)
-        spatial = tuple(range(2, 2 + self.dims))
-        weight = self.W_dec.transpose(0, 1).flip(spatial).to(z.dtype)  # (C, p, *K)
-        conv = torch.nn.functional.conv1d if self.dims == 1 else torch.nn.functional.conv2d
-        return conv(padded, weight)
+        z = _map_codes(codes, self.dims, self.kind)
+        return circular_convolve(z, self.W_dec.to(z.dtype))
 
     def concept_functions(self, grid: tuple[int, ...]) -> Tensor:
         """``(p, C, *grid)``: ``|N| W_dec[j]`` placed at offsets ``m - K//2`` (mod N).
@@ -531,11 +523,5 @@ class CNNDecoder(FunctionDecoder):
             out[:, :, index[0][:, None], index[1][None, :]] = values
         return out
 
-    @torch.no_grad()
-    def _normalise(self) -> None:
-        _scale_rows_(self.W_dec, 1.0 / self.atom_norms().clamp_min(1e-12))
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        if self.config.unit_norm:
-            self._normalise()
+    def _scale_atoms_(self, scale: Tensor) -> None:
+        _scale_rows_(self.W_dec, scale)

@@ -18,6 +18,7 @@ constant per channel and the encoder bias absorbs its effect.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -27,29 +28,61 @@ from torch.nn import functional as F
 from sae_lightning.components.base import Encoder
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
+from sae_lightning.functional import quadrature_weight
 from sae_neural_operator.lifting import (
     Grid,
     Modes,
-    check_lifting_width,
+    channel_vector,
     check_same_grid,
     function_grid,
+    lifting_width,
     orthonormal_lifting,
-    quadrature,
 )
 from sae_neural_operator.spectral import SpectralConv
 
 
 class FunctionEncoder(Encoder):
-    """Base of the function encoders: inputs are ``(B, C, *grid)``, never centred."""
+    """Base of the function encoders: inputs are ``(B, C, *grid)``, never centred.
+
+    ``kind`` is the registered name, for messages. The lifted variants override :meth:`_lift`,
+    the map applied to the input before the unlifted model's operator (identity here).
+    """
 
     functional = True
     center_input = False
+    kind: ClassVar[str] = "function"
 
     def weight(self) -> Tensor | None:
         return None
 
+    def _lift(self, x: Tensor) -> Tensor:
+        return x
+
 
 # ---- flattened grid: SAE-MLP and the lifted SAE ---------------------------------------------
+
+
+def unit_functions(n: int, grid: tuple[int, ...], channels: int) -> Tensor:
+    """``(n, channels |N|)`` random flattened functions of unit L2 norm (quadrature) on ``grid``."""
+    w = torch.randn(n, channels * math.prod(grid))
+    return w / w.norm(dim=1, keepdim=True) * math.sqrt(1.0 / quadrature_weight(grid))
+
+
+class FlatFunctionEncoder(FunctionEncoder):
+    """Vector codes on the flattened training grid: ``pre = w W_enc lift(vec(u)) + b_enc``.
+
+    Subclasses set ``grid``, ``W_enc`` ``(p, width of lift)`` and ``b_enc`` ``(p,)``.
+    """
+
+    grid: tuple[int, ...]
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+
+    def forward(self, u: Tensor) -> Tensor:
+        who = f"{self.kind} encoder"
+        check_same_grid(function_grid(u, self.d_in, len(self.grid), who), self.grid, who)
+        x = self._lift(u.flatten(1))  # (B, C |N|) or lifted (B, h)
+        return torch.addmm(self.b_enc, x, self.W_enc.t(), alpha=quadrature_weight(self.grid))
 
 
 class MLPFunctionEncoderConfig(PluginConfig):
@@ -59,7 +92,7 @@ class MLPFunctionEncoderConfig(PluginConfig):
     )
 
 
-class MLPFunctionEncoder(FunctionEncoder):
+class MLPFunctionEncoder(FlatFunctionEncoder):
     """SAE-MLP encoder: z_j = <e_j, u> + b_j on the flattened grid (vector codes, one grid).
 
     ``pre_j = w sum_{c,n} e_j[c, n] u[c, n] + b_enc[j]``: the standard affine SAE encoder on
@@ -70,21 +103,13 @@ class MLPFunctionEncoder(FunctionEncoder):
 
     Config = MLPFunctionEncoderConfig
     config: MLPFunctionEncoderConfig
+    kind = "sae_mlp"
 
     def __init__(self, config: MLPFunctionEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         self.grid = tuple(config.grid)
-        m = d_in * math.prod(self.grid)
-        w = torch.randn(d_sae, m)
-        w = w / w.norm(dim=1, keepdim=True) * math.sqrt(1.0 / quadrature(self.grid))
-        self.W_enc = nn.Parameter(w)  # (p, C |N|): one encoder function per row
+        self.W_enc = nn.Parameter(unit_functions(d_sae, self.grid, d_in))  # (p, C |N|)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-
-    def forward(self, u: Tensor) -> Tensor:
-        grid = function_grid(u, self.d_in, len(self.grid), "sae_mlp encoder")
-        check_same_grid(grid, self.grid, "sae_mlp encoder")
-        x = u.flatten(1)  # (B, C |N|)
-        return torch.addmm(self.b_enc, x, self.W_enc.t(), alpha=quadrature(self.grid))
 
 
 class LiftedEncoderConfig(PluginConfig):
@@ -98,7 +123,7 @@ class LiftedEncoderConfig(PluginConfig):
     )
 
 
-class LiftedEncoder(FunctionEncoder):
+class LiftedEncoder(FlatFunctionEncoder):
     """L-SAE encoder: z = W_e P x + b_e with a learned lifting P (h x m, h >= m).
 
     ``x = vec(u)`` in ``R^m`` (``m = C |N|``), ``pre = w W_enc (P x) + b_enc`` with
@@ -112,17 +137,15 @@ class LiftedEncoder(FunctionEncoder):
 
     Config = LiftedEncoderConfig
     config: LiftedEncoderConfig
+    kind = "lifted"
 
     def __init__(self, config: LiftedEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         self.grid = tuple(config.grid)
         m = d_in * math.prod(self.grid)
-        h = config.lifting_width if config.lifting_width is not None else 2 * m
-        check_lifting_width(h, m)
-        self.lifting_width = h
-        p_mat = orthonormal_lifting(h, m)  # (h, m)
-        e = torch.randn(d_sae, m)
-        e = e / e.norm(dim=1, keepdim=True) * math.sqrt(1.0 / quadrature(self.grid))
+        self.lifting_width = lifting_width(config.lifting_width, m)
+        p_mat = orthonormal_lifting(self.lifting_width, m)  # (h, m)
+        e = unit_functions(d_sae, self.grid, d_in)
         self.P = nn.Parameter(p_mat)
         self.W_enc = nn.Parameter(e @ p_mat.t())  # (p, h)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -131,11 +154,8 @@ class LiftedEncoder(FunctionEncoder):
         """``(p, m)`` the product ``W_enc P``: the encoder functions, flattened."""
         return self.W_enc @ self.P
 
-    def forward(self, u: Tensor) -> Tensor:
-        grid = function_grid(u, self.d_in, len(self.grid), "lifted encoder")
-        check_same_grid(grid, self.grid, "lifted encoder")
-        lifted = u.flatten(1) @ self.P.t()  # (B, h)
-        return torch.addmm(self.b_enc, lifted, self.W_enc.t(), alpha=quadrature(self.grid))
+    def _lift(self, x: Tensor) -> Tensor:
+        return x @ self.P.t()  # (B, h)
 
 
 # ---- neural operators: SAE-FNO and the lifted SAE-FNO ---------------------------------------
@@ -199,27 +219,32 @@ class FNOEncoder(FunctionEncoder):
 
     Config = FNOEncoderConfig
     config: FNOEncoderConfig
+    kind = "fno"
 
     def __init__(self, config: FNOEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
-        self.spectral = _spectral_layer(config, d_in, d_sae)
+        self._build_operator(config, d_in)
+
+    def _build_operator(self, config: FNOEncoderConfig, channels: int) -> None:
+        """The spectral layer, the optional pointwise term and the bias on ``channels`` inputs."""
+        self.spectral = _spectral_layer(config, channels, self.d_sae)
         self.modes = self.spectral.modes
         self.full_grid = self.spectral.full_grid
         self.dims = self.spectral.dims
         self.W_point = (
-            nn.Parameter(torch.randn(d_sae, d_in) / math.sqrt(d_in)) if config.pointwise else None
+            nn.Parameter(torch.randn(self.d_sae, channels) / math.sqrt(channels))
+            if config.pointwise
+            else None
         )
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-
-    def _bias(self, v: Tensor) -> Tensor:
-        return self.b_enc.view(1, -1, *([1] * self.dims)).to(v.dtype)
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
 
     def forward(self, u: Tensor) -> Tensor:
-        function_grid(u, self.d_in, self.dims, "fno encoder")
-        pre = self.spectral(u)  # (B, p, *grid)
+        function_grid(u, self.d_in, self.dims, f"{self.kind} encoder")
+        v = self._lift(u)  # (B, C or h, *grid)
+        pre = self.spectral(v)  # (B, p, *grid)
         if self.W_point is not None:
-            pre = pre + torch.einsum("pc,bc...->bp...", self.W_point.to(u.dtype), u)
-        return pre + self._bias(pre)
+            pre = pre + torch.einsum("pc,bc...->bp...", self.W_point.to(v.dtype), v)
+        return pre + channel_vector(self.b_enc, pre)
 
 
 class LiftedFNOEncoderConfig(FNOEncoderConfig):
@@ -241,29 +266,17 @@ class LiftedFNOEncoder(FNOEncoder):
 
     Config = LiftedFNOEncoderConfig
     config: LiftedFNOEncoderConfig
+    kind = "lifted_fno"
 
     def __init__(self, config: LiftedFNOEncoderConfig, *, d_in: int, d_sae: int) -> None:
-        h = config.lifting_width if config.lifting_width is not None else 2 * d_in
-        check_lifting_width(h, d_in)
+        h = lifting_width(config.lifting_width, d_in)
         FunctionEncoder.__init__(self, config, d_in=d_in, d_sae=d_sae)
         self.lifting_width = h
         self.P = nn.Parameter(orthonormal_lifting(h, d_in))  # (h, C)
-        self.spectral = _spectral_layer(config, h, d_sae)
-        self.modes = self.spectral.modes
-        self.full_grid = self.spectral.full_grid
-        self.dims = self.spectral.dims
-        self.W_point = (
-            nn.Parameter(torch.randn(d_sae, h) / math.sqrt(h)) if config.pointwise else None
-        )
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self._build_operator(config, h)
 
-    def forward(self, u: Tensor) -> Tensor:
-        function_grid(u, self.d_in, self.dims, "lifted_fno encoder")
-        v = torch.einsum("hc,bc...->bh...", self.P.to(u.dtype), u)  # (B, h, *grid)
-        pre = self.spectral(v)  # (B, p, *grid)
-        if self.W_point is not None:
-            pre = pre + torch.einsum("ph,bh...->bp...", self.W_point.to(u.dtype), v)
-        return pre + self._bias(pre)
+    def _lift(self, x: Tensor) -> Tensor:
+        return torch.einsum("hc,bc...->bh...", self.P.to(x.dtype), x)  # (B, h, *grid)
 
 
 # ---- SAE-CNN ---------------------------------------------------------------------------------
@@ -297,12 +310,26 @@ def circular_pad(x: Tensor, kernel_size: tuple[int, ...], *, flipped: bool) -> T
     return F.pad(x, pads, mode="circular")
 
 
-def circular_correlate(u: Tensor, weight: Tensor) -> Tensor:
-    """``out[b, j, n] = sum_{c, m} weight[j, c, m] u[b, c, n + m - K//2 mod N]`` (1-D or 2-D)."""
+def circular_correlate(u: Tensor, weight: Tensor, *, flipped: bool = False) -> Tensor:
+    """``out[b, j, n] = sum_{c, m} weight[j, c, m] u[b, c, n + m - K//2 mod N]`` (1-D or 2-D).
+
+    With ``flipped`` the padding is mirrored (offsets ``m - (K - 1 - K//2)``), which with a
+    flipped ``weight`` makes it the convolution of :func:`circular_convolve`.
+    """
     kernel_size = tuple(weight.shape[2:])
-    padded = circular_pad(u, kernel_size, flipped=False)
+    padded = circular_pad(u, kernel_size, flipped=flipped)
     conv = F.conv1d if len(kernel_size) == 1 else F.conv2d
     return conv(padded, weight)
+
+
+def circular_convolve(z: Tensor, kernels: Tensor) -> Tensor:
+    """``out[b, c, n] = sum_{j, m} kernels[j, c, m] z[b, j, n - (m - K//2) mod N]``.
+
+    The transpose of :func:`circular_correlate` with the same ``(p, C, *K)`` kernels (the
+    SAE-CNN decoder of the encoder's correlation).
+    """
+    spatial = tuple(range(2, kernels.ndim))
+    return circular_correlate(z, kernels.transpose(0, 1).flip(spatial), flipped=True)
 
 
 class CNNEncoder(FunctionEncoder):
@@ -317,6 +344,7 @@ class CNNEncoder(FunctionEncoder):
 
     Config = CNNEncoderConfig
     config: CNNEncoderConfig
+    kind = "cnn"
 
     def __init__(self, config: CNNEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
@@ -328,6 +356,6 @@ class CNNEncoder(FunctionEncoder):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
 
     def forward(self, u: Tensor) -> Tensor:
-        function_grid(u, self.d_in, self.dims, "cnn encoder")
+        function_grid(u, self.d_in, self.dims, f"{self.kind} encoder")
         pre = circular_correlate(u, self.W_enc.to(u.dtype))
-        return pre + self.b_enc.view(1, -1, *([1] * self.dims)).to(pre.dtype)
+        return pre + channel_vector(self.b_enc, pre)

@@ -26,12 +26,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from pydantic import Field
 from torch import Tensor
 from typing_extensions import override
 
+from sae_lightning.callbacks.schedule import EveryNValidations, ScheduledCallback
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.functional import relative_l2
@@ -123,7 +123,7 @@ def concept_mmcs(sae: torch.nn.Module, true: Tensor, grid: tuple[int, ...]) -> f
     return functional_mmcs(true.double().cpu(), learned, shift_aware=shift_aware).mmcs
 
 
-class ResolutionTransfer(pl.Callback):
+class ResolutionTransfer(ScheduledCallback):
     """Log val/rel_l2@N (and val/mmcs@N) on the same validation samples at each grid N.
 
     Args:
@@ -134,7 +134,7 @@ class ResolutionTransfer(pl.Callback):
 
     def __init__(self, config: ResolutionTransferConfig) -> None:
         self.config = config
-        self.validations = 0
+        self.schedule = EveryNValidations(config.every_n_validations)
         self.noted: set[tuple[str, int]] = set()
         self._cache: dict[tuple[int, ...], Tensor] = {}
 
@@ -153,14 +153,6 @@ class ResolutionTransfer(pl.Callback):
                 u = u[: self.config.max_samples]
             self._cache[grid] = u.detach().cpu()
         return self._cache[grid]
-
-    def _due(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking:
-            return False
-        if trainer.state.fn != TrainerFn.FITTING:
-            return True
-        self.validations += 1
-        return (self.validations - 1) % self.config.every_n_validations == 0
 
     @torch.no_grad()
     def evaluate(
@@ -201,17 +193,9 @@ class ResolutionTransfer(pl.Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._due(trainer):
+        if not self.schedule.due(trainer):
             return
         for key, value in self.evaluate(
             pl_module.sae, trainer.datamodule, pl_module.device
         ).items():
             pl_module.log(key, value, sync_dist=True)  # equal on every rank: no-op average
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"validations": self.validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.validations = int(state_dict.get("validations", 0))

@@ -25,13 +25,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import TrainerFn
 from pydantic import Field
 from torch import Tensor
 from typing_extensions import override
 
 from sae_lightning.callbacks.dashboard import tensorboard_loggers
+from sae_lightning.callbacks.schedule import EveryNValidations, ScheduledCallback
 from sae_lightning.config import PluginConfig
+from sae_lightning.module import as_tensor
+from sae_neural_operator.recovery import best_shift, functional_mmcs
 
 CONCEPTS_TAG = "val/concepts"
 ACTIVATIONS_TAG = "val/concept_activations"
@@ -149,14 +151,8 @@ def aligned(true: Tensor, learned: Tensor, shift_aware: bool) -> Tensor:
         learned: ``(C, *grid)``, the same grid.
     """
     t, w = true.double(), learned.double()
-    dims = tuple(range(1, t.ndim))
     if shift_aware:
-        # corr[s] = sum_x t(x) w(x - s) = <t, roll(w, s)>: circular cross-correlation by FFT.
-        spec = (torch.fft.rfftn(t, dim=dims) * torch.fft.rfftn(w, dim=dims).conj()).sum(dim=0)
-        corr = torch.fft.irfftn(spec, s=t.shape[1:], dim=tuple(range(t.ndim - 1)))
-        best = int(corr.abs().flatten().argmax())
-        shift = torch.unravel_index(torch.tensor(best), tuple(t.shape[1:]))
-        w = torch.roll(w, tuple(int(s) for s in shift), dims=dims)
+        w = torch.roll(w, best_shift(t, w), dims=tuple(range(1, t.ndim)))
     if float((t * w).sum()) < 0:
         w = -w
     return w.to(learned.dtype)
@@ -168,8 +164,6 @@ def matched_pairs(true: Tensor, learned: Tensor, shift_aware: bool) -> list[tupl
     The matching is :func:`~sae_neural_operator.recovery.functional_mmcs`'s (Hungarian on
     |cos|, shift-aware for convolutional decoders), the one behind the logged MMCS.
     """
-    from sae_neural_operator.recovery import functional_mmcs
-
     assignment = functional_mmcs(true.double(), learned.double(), shift_aware).assignment
     return [
         (true[i], aligned(true[i], learned[j], shift_aware))
@@ -186,7 +180,7 @@ def activity(codes: Tensor) -> Tensor:
 # ---- the callback ---------------------------------------------------------------------------
 
 
-class ConceptImages(pl.Callback):
+class ConceptImages(ScheduledCallback):
     """TensorBoard images of learned concept functions and activation maps (see module doc).
 
     Args:
@@ -197,16 +191,8 @@ class ConceptImages(pl.Callback):
 
     def __init__(self, config: ConceptImagesConfig) -> None:
         self.config = config
-        self.validations = 0
+        self.schedule = EveryNValidations(config.every_n_validations, rank_zero_only=True)
         self.samples: Tensor | None = None
-
-    def _due(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return False
-        if trainer.state.fn != TrainerFn.FITTING:
-            return True
-        self.validations += 1
-        return (self.validations - 1) % self.config.every_n_validations == 0
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -223,14 +209,14 @@ class ConceptImages(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.samples is None and dataloader_idx == 0:
-            x = batch[0] if isinstance(batch, tuple | list) else batch
+            x = as_tensor(batch)
             if x.ndim > 2:  # function batches only
                 self.samples = x[: max(self.config.n_samples, 1)].detach()
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loggers = tensorboard_loggers(trainer)
-        if not loggers or self.samples is None or not self._due(trainer):
+        if not loggers or self.samples is None or not self.schedule.due(trainer):
             return
         images = self.render(pl_module.sae, trainer.datamodule, self.samples)
         for logger in loggers:
@@ -282,11 +268,3 @@ class ConceptImages(pl.Callback):
         if rows:
             images[ACTIVATIONS_TAG] = tile(rows)
         return images
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"validations": self.validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.validations = int(state_dict.get("validations", 0))

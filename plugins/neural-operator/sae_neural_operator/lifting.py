@@ -7,7 +7,6 @@ or 2) on a uniform grid, as in :mod:`sae_lightning.functional`: a batch is
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 import torch
@@ -21,11 +20,6 @@ Grid = Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, ma
 
 Modes = Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, max_length=2)]
 """Fourier modes kept per grid axis: frequencies ``|k_a| < M_a``."""
-
-
-def quadrature(grid: tuple[int, ...]) -> float:
-    """Weight of one grid point in an integral over the unit domain: ``1 / prod(grid)``."""
-    return 1.0 / math.prod(grid)
 
 
 def function_grid(u: Tensor, channels: int, dims: int, who: str) -> tuple[int, ...]:
@@ -65,6 +59,11 @@ def check_same_grid(grid: tuple[int, ...], expected: tuple[int, ...], who: str) 
         )
 
 
+def channel_vector(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector ``(C,)`` shaped ``(1, C, 1, ...)`` to broadcast over ``like``'s grid."""
+    return v.view(1, -1, *([1] * (like.ndim - 2))).to(like.dtype)
+
+
 def orthonormal_lifting(
     width: int, dim: int, *, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -91,3 +90,15 @@ def check_lifting_width(width: int, minimum: int, field: str = "lifting_width") 
             "lose information",
             f"set {field} >= {minimum} (or leave it unset for 2x)",
         )
+
+
+def lifting_width(requested: int | None, minimum: int, inherited: int | None = None) -> int:
+    """The width ``h`` of a lifting of ``minimum`` dimensions: ``requested``, else ``inherited``
+    (a decoder takes its encoder's), else ``2 * minimum``.
+
+    Raises:
+        ConfigError: the width is smaller than ``minimum``.
+    """
+    width = requested or inherited or 2 * minimum
+    check_lifting_width(width, minimum)
+    return width

@@ -38,6 +38,7 @@ from sae_lightning.functional import relative_l2 as _relative_l2
 
 __all__ = [
     "Recovery",
+    "best_shift",
     "concept_support",
     "functional_mmcs",
     "relative_l2",
@@ -73,6 +74,40 @@ def _normalise(u: Tensor) -> Tensor:
     return u / norm.reshape(-1, *([1] * (u.ndim - 1)))
 
 
+def _correlations(ft: Tensor, fw: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """``(n_t, n_w, *grid)`` circular cross-correlations from the spectra of two stacks.
+
+    ``corr[i, j, s] = sum_c sum_x t_i(x) w_j(x - s) = <t_i, roll(w_j, s)>`` (grid sums, no
+    quadrature weight), all shifts at once: the spectrum is ``conj(W) T`` summed on channels.
+
+    Args:
+        ft: ``rfftn`` of ``(n_t, C, *grid)`` over the grid axes.
+        fw: ``rfftn`` of ``(n_w, C, *grid)`` over the grid axes.
+        grid: the grid (the real transforms' sizes).
+    """
+    spec = torch.einsum("ic...,jc...->ij...", ft, fw.conj())
+    return torch.fft.irfftn(spec, s=grid, dim=tuple(range(-len(grid), 0)))
+
+
+def best_shift(true: Tensor, learned: Tensor) -> tuple[int, ...]:
+    """The circular grid shift ``s`` maximising ``|<true, roll(learned, s)>|``.
+
+    The shift behind the shift-aware similarity (:func:`similarity_matrix`) of one pair:
+    ``torch.roll(learned, s, dims=grid axes)`` lines the learned concept up with the true atom.
+
+    Args:
+        true: ``(C, *grid)``.
+        learned: ``(C, *grid)``, the same grid.
+    """
+    grid = tuple(true.shape[1:])
+    dims = tuple(range(-len(grid), 0))
+    ft = torch.fft.rfftn(true.double()[None], dim=dims)
+    fw = torch.fft.rfftn(learned.double()[None], dim=dims)
+    corr = _correlations(ft, fw, grid)[0, 0]  # (*grid)
+    best = int(corr.abs().flatten().argmax())
+    return tuple(int(s) for s in torch.unravel_index(torch.tensor(best), grid))
+
+
 def similarity_matrix(
     true: Tensor, learned: Tensor, shift_aware: bool = False, chunk: int = 16
 ) -> Tensor:
@@ -102,9 +137,7 @@ def similarity_matrix(
     fw = torch.fft.rfftn(w, dim=dims)  # (n_learned, C, *half-grid)
     out = []
     for start in range(0, len(ft), chunk):
-        # corr[i, j, s] = sum_x t_i(x) w_j(x - s): the spectrum is conj(W) T summed on channels
-        spec = torch.einsum("ic...,jc...->ij...", ft[start : start + chunk], fw.conj())
-        corr = torch.fft.irfftn(spec, s=grid, dim=dims)  # (chunk, n_learned, *grid)
+        corr = _correlations(ft[start : start + chunk], fw, grid)  # (chunk, n_learned, *grid)
         out.append(corr.flatten(2).abs().amax(dim=2) * quadrature_weight(grid))
     return torch.cat(out)
 

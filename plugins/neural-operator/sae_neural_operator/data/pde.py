@@ -41,14 +41,12 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from sae_lightning.config import PluginConfig
-from sae_lightning.data.stream import ConsumedBatches, IndexedBatchStream, seeded_generator
+from sae_lightning.data.stream import IndexedDataModule, seeded_generator
 from sae_lightning.data.validation import BatchValidator, NonFinitePolicy
 from sae_lightning.errors import ConfigError
 from sae_neural_operator.data import cache
@@ -215,7 +213,7 @@ def generate_split(
     return out
 
 
-class PDEFieldDataModule(pl.LightningDataModule):
+class PDEFieldDataModule(IndexedDataModule):
     """PDE fields (Darcy, Burgers, Navier-Stokes, or a .pt/.h5 file) as function batches.
 
     Batches are ``(B, C, *grid)`` float32 at the training resolution, ``C`` = 1 (``input`` or
@@ -228,8 +226,6 @@ class PDEFieldDataModule(pl.LightningDataModule):
         super().__init__()
         self.config = config
         self.seed = config.seed if config.seed is not None else seed
-        self.consumed = ConsumedBatches()
-        self.validator: BatchValidator | None = None
         self._resumed: dict[str, Any] | None = None
         self.channel_scale: Tensor | None = None
         """``(C,)`` float64 factors the channels were multiplied by (after ``setup``). Not named
@@ -386,13 +382,7 @@ class PDEFieldDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.config
-        world = self._rank()[1]
-        if c.batch_size % world:
-            raise ConfigError(
-                "data.batch_size",
-                f"{c.batch_size} is not divisible by the {world} ranks",
-                "use a multiple of the number of devices",
-            )
+        self.check_batch_size()
         if self._train is not None:
             return
         train, val = self._load()
@@ -415,11 +405,6 @@ class PDEFieldDataModule(pl.LightningDataModule):
         if resumed is not None:
             self.validator.load_state_dict(resumed)
 
-    def _rank(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
     def batch_indices(self, t: int) -> Tensor:
         """Training-sample ids of global batch ``t`` (see the module docstring)."""
         assert self._train is not None, "call setup() first"
@@ -436,38 +421,23 @@ class PDEFieldDataModule(pl.LightningDataModule):
     def rank_batch(self, t: int) -> Tensor:
         """This rank's contiguous slice of global batch ``t``."""
         assert self._train is not None, "call setup() first"
-        rank, world = self._rank()
+        rank, world = self.rank_and_world()
         per_rank = self.config.batch_size // world
         ids = self.batch_indices(t)[rank * per_rank : (rank + 1) * per_rank]
         return self._train[ids]
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(IndexedBatchStream(self.rank_batch, self.consumed.count), batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        val = self._val[self.train_grid]
-        return DataLoader(TensorDataset(val[rank::world]), batch_size=self.config.val_batch_size)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training and self.validator is not None:
-            self.consumed.count += 1
-            return self.validator(batch, self.consumed.count - 1)
-        return batch
+    def validation_data(self) -> Tensor:
+        return self._val[self.train_grid]
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = dict(self.consumed.state_dict())
-        if self.validator is not None:
-            state.update(self.validator.state_dict())
+        state = super().state_dict()
         if self.channel_scale is not None:
             state["channel_scale"] = self.channel_scale.tolist()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.consumed.load_state_dict(state_dict)
-        self._resumed = dict(state_dict)
-        if self.validator is not None:
-            self.validator.load_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._resumed = dict(state_dict)  # setup() builds the validator and may need the scale
 
     # ---- other resolutions ----------------------------------------------------------------------
 

@@ -28,18 +28,15 @@ function of ``(seed, t)``, which makes resumed runs and DDP ranks exact, as in
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
-import lightning.pytorch as pl
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from sae_lightning.config import PluginConfig
-from sae_lightning.data.stream import ConsumedBatches, IndexedBatchStream, seeded_generator
+from sae_lightning.data.stream import IndexedDataModule, seeded_generator
 from sae_lightning.data.validation import BatchValidator, NonFinitePolicy
-from sae_lightning.errors import ConfigError
 from sae_neural_operator.data.functions import (
     MAX_BUMP_WIDTH,
     AtomFamily,
@@ -206,7 +203,7 @@ def _rows(params: SampleParams, start: int, stop: int) -> SampleParams:
     return SampleParams(*(p[start:stop] for p in params))
 
 
-class FunctionSyntheticDataModule(pl.LightningDataModule):
+class FunctionSyntheticDataModule(IndexedDataModule):
     """Sparse shifted combinations of continuous atoms (1-D/2-D); reports functional recovery.
 
     Batches are ``(B, C, *train_grid)`` float32. ``reference_metrics`` (logged under ``val/``)
@@ -223,7 +220,6 @@ class FunctionSyntheticDataModule(pl.LightningDataModule):
         self.generative = FunctionGenerativeModel(
             config, config.seed if config.seed is not None else seed
         )
-        self.consumed = ConsumedBatches()
         self.validator = BatchValidator(
             config.channels, config.nonfinite, source="function_synthetic data"
         )
@@ -239,52 +235,21 @@ class FunctionSyntheticDataModule(pl.LightningDataModule):
         """The training grid, ``(grid,)`` or ``(grid, grid)``."""
         return (self.config.grid,) * self.config.dims
 
-    def _rank(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
     def setup(self, stage: str | None = None) -> None:
-        world = self._rank()[1]
-        if self.config.batch_size % world:
-            raise ConfigError(
-                "data.batch_size",
-                f"{self.config.batch_size} is not divisible by the {world} ranks",
-                "use a multiple of the number of devices",
-            )
+        self.check_batch_size()
         if self._val is None:
             self._val = self.validation_set(self.train_grid)[0]
 
     def rank_batch(self, t: int) -> Tensor:
         """This rank's rows of global batch ``t``, rendered at the training grid (float32)."""
-        rank, world = self._rank()
+        rank, world = self.rank_and_world()
         per_rank = self.config.batch_size // world
         params = _rows(self.generative.batch_params(t), rank * per_rank, (rank + 1) * per_rank)
         return self.generative.render(params, self.train_grid).float()
 
-    def train_dataloader(self) -> DataLoader:
-        stream = IndexedBatchStream(self.rank_batch, self.consumed.count)
-        return DataLoader(stream, batch_size=None, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
+    def validation_data(self) -> Tensor:
         assert self._val is not None, "call setup() first"
-        rank, world = self._rank()
-        return DataLoader(
-            TensorDataset(self._val[rank::world]), batch_size=self.config.val_batch_size
-        )
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.consumed.count += 1
-            return self.validator(batch, self.consumed.count - 1)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.consumed.state_dict(), **self.validator.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.consumed.load_state_dict(state_dict)
-        self.validator.load_state_dict(state_dict)
+        return self._val
 
     # ---- ground truth at any resolution -------------------------------------------------------
 
