@@ -24,7 +24,7 @@ from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
-from sae_lightning.module import SAEModule
+from sae_lightning.module import SAEModule, as_tensor
 from sae_lightning.registry import registry
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -228,7 +228,7 @@ def preflight(run: Run) -> None:
         batch = next(iter(make()), None)
         if batch is None:
             raise ConfigError("data", f"the '{name}' {split} set is empty", "provide data")
-        x = batch[0] if isinstance(batch, tuple | list) else batch
+        x = as_tensor(batch)
         d_in = next(iter(members(run.module).values())).sae.d_in
         try:
             BatchValidator(d_in, "fail", source=f"'{name}' {split} data")(x, 0)
