@@ -62,7 +62,16 @@ def test_recipe_loads_and_resolves(path: Path) -> None:
     assert recipe.model.sparsity["name"]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+# Recipes whose data needs an artefact made by a documented command first (a trained FNO);
+# tests/test_no_recipes.py makes a tiny one and builds and trains those recipes.
+NEEDS_ARTEFACT = {"fno-activations-sae-fno.yaml"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in RECIPES if p.name not in NEEDS_ARTEFACT],
+    ids=[p.name for p in RECIPES if p.name not in NEEDS_ARTEFACT],
+)
 def test_recipe_builds(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Catches what validation alone cannot: d_in against the data, k against d_sae.
     monkeypatch.chdir(tmp_path)

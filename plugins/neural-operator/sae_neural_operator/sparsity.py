@@ -80,7 +80,9 @@ class JointTopKConfig(PluginConfig):
     normalize_mass: bool = Field(
         False,
         description="divide kept codes by domain_fraction, so a concept's integral is its mean "
-        "activation on its kept region (codes start at the scale the decoder needs)",
+        "activation on its kept region (codes start at the scale the decoder needs); for the "
+        "spectral decoders (fno, lifted_fno), whose output is a quadrature integral; leave it "
+        "off for cnn, whose decoder sums over grid points",
     )
 
 
