@@ -156,18 +156,65 @@ class OptimizerConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """How reconstruction is scored and when a latent counts as dead."""
+    """What the SAE is trained for, how reconstruction is scored, when a latent is dead."""
 
-    reconstruction: Literal["mse", "fvu"] = Field(
+    mode: Literal["local", "e2e", "e2e_ds"] = Field(
+        "local",
+        description="local: reconstruct the activations; e2e: match the LM's next-token "
+        "distribution with the SAE spliced in at the hook (KL(P_clean || P_sae) + sparsity, "
+        "Braun et al. 2024); e2e_ds: e2e plus reconstruction of later layers' activations. "
+        "The e2e modes need language-model data (lm_activations), which then yields token "
+        "batches, and train through the frozen LM",
+    )
+    reconstruction: Literal["mse", "fvu", "rel_l2"] = Field(
         "mse",
         description="mse: mean over tokens of the squared L2 error; "
-        "fvu: the same divided by the batch's total variance",
+        "fvu: the same divided by the batch's total variance; "
+        "rel_l2: mean over samples of ||u - u_hat||^2 / ||u||^2 (function data, quadrature)",
     )
     dead_window_tokens: int = Field(
         100_000,
         gt=0,
         description="a latent is dead when it has not fired in this many training tokens",
     )
+    kl_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="e2e modes: weight of the KL term; default 1.0 for e2e and 0.5 for e2e_ds "
+        "(the paper's values)",
+    )
+    downstream_coefficient: float = Field(
+        2.5,
+        ge=0,
+        description="e2e_ds: total weight (beta) of the downstream reconstruction terms, split "
+        "evenly over the downstream hooks (paper: 2.5 at GPT-2 layers 2 and 6, 0.05 at 10)",
+    )
+    downstream_hooks: str | None = Field(
+        None,
+        description="e2e_ds: module paths (globs, comma-separated) whose activations must match "
+        "the clean run; default every residual stream between the hook and the last block",
+    )
+
+    @model_validator(mode="after")
+    def _e2e_fields_need_e2e(self) -> LossConfig:
+        if self.downstream_hooks is not None and self.mode != "e2e_ds":
+            raise ValueError(
+                f"downstream_hooks is set but mode is {self.mode!r}: set mode: e2e_ds, "
+                "or remove downstream_hooks"
+            )
+        if self.kl_coefficient is not None and self.mode == "local":
+            raise ValueError(
+                "kl_coefficient is set but mode is 'local': set mode: e2e or e2e_ds, "
+                "or remove kl_coefficient"
+            )
+        return self
+
+    @property
+    def kl_weight(self) -> float:
+        """The KL term's coefficient in the e2e modes (the paper's value when unset)."""
+        if self.kl_coefficient is not None:
+            return self.kl_coefficient
+        return 0.5 if self.mode == "e2e_ds" else 1.0
 
 
 class ModelConfig(StrictModel):
@@ -185,6 +232,11 @@ class ModelConfig(StrictModel):
     sparsity: PluginSpec = Field(default_factory=lambda: {"name": "topk"})
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    compile: bool = Field(
+        False,
+        description="compile the SAE's forward with torch.compile (needs a C++ compiler on "
+        "CPU, Triton on GPU); the first steps are slower while it compiles",
+    )
 
     @model_validator(mode="after")
     def _one_width(self) -> ModelConfig:
@@ -220,3 +272,8 @@ class RecipeConfig(StrictModel):
         default_factory=list, description="callback plugins, each {name: ..., <params>}"
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    variants: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="several SAEs trained at once on one stream: each {name: ..., <model "
+        "overrides>} is merged onto `model` (docs/multi-gpu.md); empty: just `model`",
+    )

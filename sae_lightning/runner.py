@@ -99,10 +99,20 @@ def checkpoint_callback(recipe: RecipeConfig) -> ModelCheckpoint:
 
 
 def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
-    """The :class:`SAEModule` of the recipe's ``model`` (compiled when ``model.compile``)."""
+    """The :class:`SAEModule` of the recipe's ``model`` (compiled when ``model.compile``).
+
+    With ``model.loss.mode`` ``e2e`` or ``e2e_ds`` it is the
+    :class:`~sae_lightning.lm.e2e_module.E2ESAEModule`, trained through the frozen LM on token
+    batches.
+    """
     d_in, d_sae = resolve_widths(recipe, data_d_in)
     model = recipe.model
-    module = SAEModule(
+    module_cls = SAEModule
+    if model.loss.mode != "local":
+        from sae_lightning.lm.e2e_module import E2ESAEModule
+
+        module_cls = E2ESAEModule
+    module = module_cls(
         d_in=d_in,
         d_sae=d_sae,
         encoder=model.encoder,
@@ -220,11 +230,16 @@ def preflight(run: Run) -> None:
     """
     name, _ = split_spec(run.recipe.data, "data")
     datamodule = run.datamodule
+    tokens = getattr(run.module, "takes_token_batches", False)
+    if tokens:  # ConfigError naming model.loss.mode unless the data has a language model
+        run.module.prepare_data_module(datamodule)
     datamodule.setup("fit")
     for split, make in (
         ("train", datamodule.train_dataloader),
         ("validation", datamodule.val_dataloader),
     ):
+        if tokens and split == "train":
+            continue  # token ids for the LM, not (batch, d_in) activations
         batch = next(iter(make()), None)
         if batch is None:
             raise ConfigError("data", f"the '{name}' {split} set is empty", "provide data")

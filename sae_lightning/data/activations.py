@@ -15,6 +15,13 @@ take their slices of one global batch (each rank runs the LM over the whole buff
 Cached (``cache_dir`` set, written by ``sae-lightning cache``): see
 :mod:`sae_lightning.data.cache`; each epoch is a seeded token-level permutation of the whole
 cache and each rank reads only its own rows.
+
+Token batches (e2e training, ``model.loss.mode: e2e``; see :mod:`sae_lightning.lm.e2e_module`):
+the training loader yields token batches (:class:`TokenBatch`) of ``token_batch_size`` whole
+contexts instead of activations, visiting the contexts in the same seeded per-epoch order as
+the streaming mode, so a local run and an e2e run over the same number of tokens see the same
+contexts. Batch ``t`` is a pure function of ``(seed, t)`` and DDP ranks take their slices of
+it; validation still yields held-out activations (FVU, L0).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -126,6 +133,12 @@ class LMActivationsConfig(LMSourceConfig, ActivationOptions):
     d_in: int | None = Field(
         None, gt=0, description="activation width; default the LM's hidden size"
     )
+    token_batch_size: int = Field(
+        8,
+        gt=0,
+        description="contexts per global training batch when the training loader yields "
+        "token ids (model.loss.mode e2e or e2e_ds)",
+    )
 
     @model_validator(mode="after")
     def _buffer_holds_batches(self) -> LMActivationsConfig:
@@ -150,15 +163,66 @@ class LMHandle:
     """``(n, context_length)`` bool: positions the SAE is trained for (others stay clean)."""
 
 
+class TokenBatch(NamedTuple):
+    """Whole contexts for e2e training (this rank's part of one global batch)."""
+
+    ids: Tensor
+    """``(contexts, context_length)`` int64 token ids."""
+    keep: Tensor
+    """``(contexts, context_length)`` bool: positions the SAE replaces (others stay clean)."""
+
+
+class TokenStream:
+    """Global batches of whole contexts: batch ``t`` depends only on ``(seed, t)``.
+
+    Stream position ``p`` is context ``order_e[p mod n]`` of epoch ``e = p // n``, with the same
+    seeded per-epoch orders as :class:`MixingStream`.
+
+    Args:
+        contexts: the training contexts.
+        batch_size: contexts per global batch.
+        seed: data seed.
+    """
+
+    def __init__(self, contexts: Contexts, batch_size: int, seed: int) -> None:
+        if len(contexts) == 0:
+            raise ConfigError("data.text", "the corpus packs into no training context")
+        self.contexts = contexts
+        self.batch_size = batch_size
+        self.seed = seed
+        self._orders: dict[int, Tensor] = {}
+
+    def _order(self, epoch: int) -> Tensor:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            g = seeded_generator(self.seed, _ORDER, epoch)
+            self._orders[epoch] = torch.randperm(len(self.contexts), generator=g)
+        return self._orders[epoch]
+
+    def rows(self, t: int) -> Tensor:
+        """``(batch_size,)`` context indices of global batch ``t``."""
+        n = len(self.contexts)
+        positions = torch.arange(t * self.batch_size, (t + 1) * self.batch_size)
+        epochs, offsets = positions // n, positions % n
+        return torch.stack(
+            [self._order(int(e))[int(o)] for e, o in zip(epochs, offsets, strict=True)]
+        )
+
+    def batch(self, t: int) -> TokenBatch:
+        rows = self.rows(t)
+        return TokenBatch(self.contexts.ids[rows], self.contexts.keep[rows])
+
+
 class BatchStream(IterableDataset):
     """Yields ``batch_fn(start), batch_fn(start + 1), ...`` (already this rank's part)."""
 
-    def __init__(self, batch_fn: Callable[[int], Tensor], start: int) -> None:
+    def __init__(self, batch_fn: Callable[[int], Any], start: int) -> None:
         super().__init__()
         self.batch_fn = batch_fn
         self.start = start
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         t = self.start
         while True:
             yield self.batch_fn(t)
@@ -384,11 +448,21 @@ class ActivationDataModule(_ActivationData):
         self.harvester: Harvester | None = None
         self.stream: MixingStream | None = None
         self.cache: ActivationCache | None = None
+        self.token_batches = False
+        """True once :meth:`use_token_batches` switched training to token batches."""
+        self.tokens: TokenStream | None = None
 
     @property
     def d_in(self) -> int:
         """Width of every activation; the recipe's ``model.d_in`` must match it."""
         return self._d_in
+
+    def use_token_batches(self) -> None:
+        """Train on token batches (:class:`TokenBatch`) of ``token_batch_size`` contexts (e2e).
+
+        Call before the training loader is made; validation keeps yielding activations.
+        """
+        self.token_batches = True
 
     def _source_name(self) -> str:
         return f"activations of {self.config.model} at {self.config.hook}"
@@ -477,6 +551,42 @@ class ActivationDataModule(_ActivationData):
         self._restore_validator()
         assert self.transform is not None
         self._val = self.transform(self.cache.val_rows())
+
+    def _check_divisible(self) -> None:
+        super()._check_divisible()
+        world = self._rank()[1]
+        if self.token_batches and self.config.token_batch_size % world:
+            raise ConfigError(
+                "data.token_batch_size",
+                f"{self.config.token_batch_size} is not divisible by the {world} ranks",
+                "use a multiple of the number of devices",
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.token_batches:
+            return super().train_dataloader()
+        self._check_divisible()
+        if self.tokens is None:
+            self.load()
+            assert self.corpus is not None
+            self.tokens = TokenStream(self.corpus.train, self.config.token_batch_size, self.seed)
+        return DataLoader(BatchStream(self.rank_tokens, self.consumed.count), batch_size=None)
+
+    def rank_tokens(self, t: int) -> TokenBatch:
+        """This rank's contexts of global token batch ``t``."""
+        assert self.tokens is not None, "call train_dataloader() first"
+        rank, world = self._rank()
+        per_rank = self.config.token_batch_size // world
+        ids, keep = self.tokens.batch(t)
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        return TokenBatch(ids[part], keep[part])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, TokenBatch):
+            if self.trainer is not None and self.trainer.training:
+                self.consumed.count += 1  # the position is all the state token batches need
+            return batch
+        return super().on_before_batch_transfer(batch, dataloader_idx)
 
     def rank_batch(self, t: int) -> Tensor:
         assert self.transform is not None
