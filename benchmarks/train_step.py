@@ -54,6 +54,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time the alternatives for the selection and the sparse weight gradient",
     )
+    p.add_argument(
+        "--trainer-ablation",
+        action="store_true",
+        help="with --through-trainer: also train without each part of the run (progress bar, "
+        "NonFiniteGuard, throughput monitor, per-step metrics, logger), without all, and with "
+        "the per-step parts acting every log_every_n_steps (variant every_n)",
+    )
+    p.add_argument(
+        "--trainer-variants",
+        default=None,
+        help="comma list of the --trainer-ablation variants to run instead of all of them "
+        "(parts, 'all', 'every_n')",
+    )
+    p.add_argument(
+        "--sync-report",
+        action="store_true",
+        help="CUDA: list where two bare steps and two trainer steps wait for the device",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the fused and dense paths on this device (values, gradients, AuxK live)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak, for a fraction")
     return p.parse_args(argv)
 
@@ -285,16 +308,42 @@ class ProjectStep:
 # ---- through Lightning ------------------------------------------------------------------------
 
 
-def trainer_tokens_per_s(args: argparse.Namespace, batches: list[Any]) -> float:
+TRAINER_PARTS = ("progress_bar", "nonfinite_guard", "throughput_monitor", "step_metrics", "logger")
+"""What ``--trainer-ablation`` removes from the fit command's run, one at a time, then all."""
+
+EVERY_N = "every_n"
+"""The ``--trainer-ablation`` variant that keeps every part but lets the per-step ones act only
+every ``trainer.log_every_n_steps`` steps (the changes docs/performance.md proposes): the
+progress bar refreshes, ``NonFiniteGuard`` checks, ``ThroughputMonitor`` and the module's
+``log_metrics`` log on those steps only."""
+
+
+def trainer_tokens_per_s(
+    args: argparse.Namespace,
+    batches: list[Any],
+    without: tuple[str, ...] = (),
+    sync_report: bool = False,
+    every_n: bool = False,
+) -> float:
     """Train through ``runner.build_run`` (as ``sae-lightning fit`` does) on in-memory batches.
 
     The run has the fit command's callbacks, TensorBoard logger and progress bar; validation and
-    periodic checkpoints are pushed past the timed window. Tokens/s is measured between the ends
-    of step ``warmup`` and of the last step.
+    periodic checkpoints are pushed past the timed window. Tokens/s is measured between the end
+    of step ``warmup`` and the end of the last step, waiting for the device only at those two
+    points, so that a trainer whose host work overlaps the device's is not serialised by the
+    measurement.
+
+    Args:
+        without: parts of the run to remove (:data:`TRAINER_PARTS`), to find what costs time.
+        sync_report: on CUDA, print every host-device synchronisation of two steps.
+        every_n: emulate the :data:`EVERY_N` changes (patched at run time, for measurement).
     """
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ProgressBar
     from torch.utils.data import DataLoader, IterableDataset
 
+    from sae_lightning.callbacks import NonFiniteGuard
+    from sae_lightning.callbacks.throughput import ThroughputMonitor
     from sae_lightning.config import RecipeConfig
     from sae_lightning.runner import build_run
 
@@ -315,11 +364,24 @@ def trainer_tokens_per_s(args: argparse.Namespace, batches: list[Any]) -> float:
     class Clock(pl.Callback):
         def __init__(self) -> None:
             self.stamps: list[float] = []
+            self.report = SyncReport() if sync_report and device.type == "cuda" else None
+
+        def on_train_batch_start(self, trainer: Any, *rest: Any) -> None:
+            if self.report is not None and trainer.global_step == args.warmup:
+                self.report.start()
 
         def on_train_batch_end(self, trainer: Any, *rest: Any) -> None:
-            sync(device)
-            self.stamps.append(time.perf_counter())
+            if self.report is not None and trainer.global_step == args.warmup + 2:
+                self.report.stop()  # two whole steps, callbacks before this one included
+            if trainer.global_step in (args.warmup + 1, total):
+                sync(device)
+                self.stamps.append(time.perf_counter())
 
+    removed = {
+        "progress_bar": ProgressBar,
+        "nonfinite_guard": NonFiniteGuard,
+        "throughput_monitor": ThroughputMonitor,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         recipe = RecipeConfig.model_validate(
             {
@@ -341,16 +403,202 @@ def trainer_tokens_per_s(args: argparse.Namespace, batches: list[Any]) -> float:
                     "precision": {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true"}[
                         args.dtype
                     ],
+                    **({"enable_progress_bar": False} if "progress_bar" in without else {}),
                 },
                 "checkpoint": {"every_n_steps": total + 1},
             }
         )
-        run = build_run(recipe)
+        run = build_run(recipe, log="logger" not in without)
+        drop = tuple(cls for part, cls in removed.items() if part in without)
+        run.trainer.callbacks[:] = [c for c in run.trainer.callbacks if not isinstance(c, drop)]
+        if "step_metrics" in without:  # the module's per-step self.log calls
+            run.module.log_metrics = lambda *a, **k: None  # type: ignore[method-assign]
+        if every_n:
+            act_every_n_steps(run)
         clock = Clock()
         run.trainer.callbacks.append(clock)
         run.trainer.fit(run.module, datamodule=InMemory())
-    stamps = clock.stamps[args.warmup :]
-    return args.batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    if clock.report is not None:
+        clock.report.emit("trainer")
+    first, last = clock.stamps
+    return args.batch * args.steps / (last - first)
+
+
+def act_every_n_steps(run: Any) -> None:
+    """Patch ``run`` so that its per-step parts act every ``log_every_n_steps`` (measurement
+    only; see :data:`EVERY_N`). Uses private attributes of the callbacks it patches."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from sae_lightning.callbacks import NonFiniteGuard
+    from sae_lightning.callbacks.throughput import ThroughputMonitor, batch_sizes
+
+    trainer, module = run.trainer, run.module
+    every = trainer.log_every_n_steps
+
+    def logging_step() -> bool:  # Lightning's should_update_logs, seen from training_step
+        return (trainer.global_step + 1) % every == 0
+
+    log_metrics = module.log_metrics
+    module.log_metrics = lambda *a, **k: log_metrics(*a, **k) if logging_step() else None
+    for callback in trainer.callbacks:
+        if isinstance(callback, RichProgressBar):
+            callback._refresh_rate = every
+        elif isinstance(callback, NonFiniteGuard):
+            callback.every_n_steps = every
+        elif isinstance(callback, ThroughputMonitor):
+            on_end = callback.on_train_batch_end
+
+            def throughput(
+                tr: Any,
+                pm: Any,
+                out: Any,
+                batch: Any,
+                i: int,
+                cb: Any = callback,
+                on_end: Any = on_end,
+            ) -> None:
+                if tr.global_step % every == 0:
+                    on_end(tr, pm, out, batch, i)
+                else:  # keep the time stamp, skip the two self.log calls
+                    tokens, samples = batch_sizes(batch)
+                    cb._ends.append((time.perf_counter(), tokens, samples))
+
+            callback.on_train_batch_end = throughput  # type: ignore[method-assign]
+
+
+def pipelined_step_s(step: Callable[[], Any], steps: int, device: Any) -> float:
+    """Seconds per bare step, ``steps`` back to back, waiting for the device only at the end
+    (as the trainer is timed), after one untimed step."""
+    step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+class SyncReport:
+    """Where a CUDA program waits for the device: ``torch.cuda.set_sync_debug_mode`` warnings,
+    counted by the innermost project or Lightning frame that caused them."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.sites: collections.Counter[str] = collections.Counter()
+        self._saved: Any = None
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+
+        self._saved = warnings.showwarning
+        warnings.simplefilter("always")
+
+        def record(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+            if "synchroniz" in str(message):
+                self.sites[_caller()] += 1
+            else:
+                self._saved(message, category, filename, lineno, *rest)
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        if self._saved is not None:
+            warnings.showwarning = self._saved
+
+    def emit(self, label: str) -> None:
+        emit(f"{label}_syncs", sum(self.sites.values()))
+        for site, n in self.sites.most_common():
+            print(f"  sync x{n}: {site}", flush=True)
+
+
+def _caller() -> str:
+    """The innermost frames outside torch and this file's warning hook, as ``file:line`` s."""
+    import traceback
+
+    frames = [
+        f
+        for f in traceback.extract_stack()[:-3]
+        if "site-packages/torch/" not in f.filename and not f.filename.endswith("warnings.py")
+    ]
+    keep = [f for f in frames if "lightning" in f.filename]  # the project's and Lightning's
+    chosen = (keep or frames)[-3:]
+    return " <- ".join(
+        f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+        for f in reversed(chosen)
+    )
+
+
+def bare_sync_report(step: Callable[[], Any]) -> None:
+    """Print the host-device synchronisations of two bare steps (CUDA)."""
+    report = SyncReport()
+    report.start()
+    try:
+        step()
+        step()
+    finally:
+        report.stop()
+    report.emit("bare")
+
+
+# ---- agreement of the two paths ---------------------------------------------------------------
+
+
+def check_agreement(args: argparse.Namespace, batches: list[Any]) -> float:
+    """Fused against dense on this device: one training forward + backward, AuxK live.
+
+    The batch has all-zero rows (ties), a tenth of the latents is held dead so AuxK works, and
+    BatchTopK is also compared at inference with the threshold the training step measured.
+    Prints each quantity's ``max |fused - dense| / max |dense|`` and returns the largest.
+    """
+    import copy
+
+    import torch
+
+    device, dtype = batches[0].device, batches[0].dtype
+    torch.manual_seed(args.seed + 1)
+    module = build_module(args, device, dtype)
+    with torch.no_grad():  # off the zero init, so that every gradient is exercised
+        module.sae.encoder.b_enc.normal_(0, 0.1)
+        module.sae.decoder.b_dec.normal_(0, 0.1)
+    x = batches[0].clone()
+    x[::7] = 0.0
+    dead = torch.zeros(args.n_latents, dtype=torch.bool, device=device)
+    dead[torch.randperm(args.n_latents, device=device)[: args.n_latents // 10]] = True
+    results = []
+    for fused in (True, False):
+        sae = copy.deepcopy(module.sae)
+        sae.fused = fused
+        out = sae.run(x)
+        loss = (x - out.x_hat).pow(2).sum(dim=1).mean()
+        residual = x - out.x_hat.detach()
+        aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
+        loss = loss + sum(aux.values())
+        loss.backward()
+        found = {"codes": out.codes.dense(), "x_hat": out.x_hat, "loss": loss}
+        found.update({f"grad_{n}": p.grad for n, p in sae.named_parameters() if p.grad is not None})
+        if hasattr(sae.sparsity, "threshold"):
+            found["threshold"] = sae.sparsity.threshold.clone()
+            sae.eval()
+            with torch.no_grad():
+                found["inference_codes"] = sae.encode_codes(x).dense()
+        results.append(found)
+    worst = 0.0
+    for name, expected in results[1].items():
+        got = results[0][name].detach().float()
+        expected = expected.detach().float()
+        err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+        emit(f"check_{name}_rel_err", err)
+        worst = max(worst, err)
+    return worst
 
 
 # ---- kernel alternatives ----------------------------------------------------------------------
@@ -469,18 +717,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_tflops:
         emit("floor_fraction_of_peak", flops / floor_s / 1e12 / args.peak_tflops)
         emit("step_fraction_of_peak", flops / step_s / 1e12 / args.peak_tflops)
-    if args.kernels:
-        for name, seconds in kernel_timings(args, batches[0], args.steps).items():
-            emit(f"kernel_{name}_s", seconds)
+    if args.check:
+        worst = check_agreement(args, batches)
+        emit("check_max_rel_err", worst)
+        emit("check_pass", int(worst <= 1e-5))
+    if args.sync_report and device.type == "cuda":
+        bare_sync_report(step)
     if args.through_trainer:
-        trainer = trainer_tokens_per_s(args, batches)
-        # The bare step again after the trainer run: the reference is the mean of before and
-        # after, so that a change in machine load during the run moves both sides.
-        after_s = statistics.median(timed_rounds({"step": step}, args.steps, device)["step"])
-        bare = args.batch / ((step_s + after_s) / 2)
+        # The bare step timed as the trainer is (back to back, one wait at the end), before and
+        # after the trainer run: the reference is the mean of the two, so that a change in
+        # machine load during the run moves both sides.
+        before_s = pipelined_step_s(step, args.steps, device)
+        trainer = trainer_tokens_per_s(args, batches, sync_report=args.sync_report)
+        after_s = pipelined_step_s(step, args.steps, device)
+        bare = args.batch / ((before_s + after_s) / 2)
+        emit("bare_tokens_per_s_before", args.batch / before_s)
         emit("bare_tokens_per_s_after", args.batch / after_s)
         emit("trainer_tokens_per_s", trainer)
         emit("trainer_ratio_to_bare", trainer / bare)
+        variants = [*TRAINER_PARTS, "all", EVERY_N] if args.trainer_ablation else []
+        if args.trainer_variants:
+            variants = args.trainer_variants.split(",")
+        for variant in variants:
+            if variant == EVERY_N:
+                tokens = trainer_tokens_per_s(args, batches, every_n=True)
+                emit(f"trainer_{EVERY_N}_ratio_to_bare", tokens / bare)
+                continue
+            without = TRAINER_PARTS if variant == "all" else (variant,)
+            tokens = trainer_tokens_per_s(args, batches, without)
+            emit(f"trainer_without_{variant}_ratio_to_bare", tokens / bare)
+    if args.kernels:  # last: its big temporaries must not disturb the timings above
+        for name, seconds in kernel_timings(args, batches[0], args.steps).items():
+            emit(f"kernel_{name}_s", seconds)
     emit("tokens_per_s", args.batch / step_s)
     emit("peak_mem_mb", peak)
     emit("ratio_to_floor", ratio)

@@ -304,7 +304,7 @@ def test_fused_inference_matches_dense() -> None:
         close(sae.encode(x.reshape(-1, D_IN)), dense.encode(x.reshape(-1, D_IN)))
 
 
-# ---- BatchTopK kernel --------------------------------------------------------------------------
+# ---- BatchTopK kernel (more in tests/test_fused_batchtopk.py) -----------------------------------
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -314,7 +314,7 @@ def test_batch_topk_select_pads_rows_to_the_widest(seed) -> None:
     pre[3] += 3.0  # one row holds many of the batch's largest entries
     pre[5] = -10.0  # and one row none
     k = 4
-    values, indices, valid = batch_topk_select(pre, k)
+    values, indices, valid = batch_topk_select(pre, k * 7)
     assert int(valid.sum()) == k * 7 and (values[~valid] == 0).all()
     kept = torch.zeros_like(pre).index_put_(
         (torch.arange(7)[:, None].expand_as(indices)[valid], indices[valid]), values[valid]
@@ -322,6 +322,7 @@ def test_batch_topk_select_pads_rows_to_the_widest(seed) -> None:
     flat_top = pre.flatten().topk(k * 7).values
     assert torch.equal(kept[kept != 0].sort().values, flat_top.sort().values)
     assert valid[5].sum() == 0 and valid[3].sum() > k
+    assert valid.shape[1] == int(valid.sum(dim=1).max())
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -329,7 +330,7 @@ def test_batch_topk_encode_matches_dense_reference(seed) -> None:
     torch.manual_seed(seed)
     x, s, w, b = (t.float().detach().requires_grad_() for t in f64_inputs(n=64))
     k = 3
-    values, indices, valid = batch_topk_encode(EncoderInputs(x, s, w, b), k)
+    values, indices, valid = batch_topk_encode(EncoderInputs(x, s, w, b), k * x.shape[0])
     assert (values[~valid] == 0).all() and int(valid.sum()) == k * x.shape[0]
     codes = torch.relu(values)
     g = torch.randn(x.shape[0], 64)

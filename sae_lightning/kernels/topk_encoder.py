@@ -86,31 +86,118 @@ def _topk_selection(k: int) -> Callable[[Tensor], Selection]:
     return select
 
 
-def batch_topk_select(pre: Tensor, k: int) -> Selection:
-    """BatchTopK: the ``k * rows`` largest entries of ``pre`` over the whole batch.
+ThresholdFn = Callable[[Tensor], Tensor]
+"""Maps the ``(n_keep,)`` largest pre-activations of a batch (any order, the batch's dtype) to
+the selection threshold, a 0-dim tensor (BatchTopK: their minimum over all DDP ranks, in fp32
+or wider). Entries are compared with it under PyTorch's type promotion, as ``x >= t`` is."""
+
+
+def batch_topk_select(
+    pre: Tensor, n_keep: int, *, threshold_of: ThresholdFn | None = None, positive: bool = False
+) -> Selection:
+    """BatchTopK: every entry of ``pre`` ``(rows, n)`` at or above a batch-wide threshold.
+
+    The threshold is ``threshold_of(top)`` for ``top`` the ``n_keep`` largest entries of the
+    batch (default: their minimum, so that the ``n_keep`` largest are kept). Entries tied with it
+    are all kept, as the dense rule ``x >= threshold`` keeps them; ``positive`` keeps only
+    entries above zero too (ReLU'd codes). The ``n_keep + 1`` largest entries are found once; if
+    the smallest of them is below the threshold, they hold every entry kept, otherwise ties
+    reach past them and the whole batch is compared with the threshold.
 
     Rows keep a variable number of entries, so they are padded to the widest row: padded slots
-    hold value 0 at latent 0 and are False in ``valid``. Finding that width reads one number
-    from the device (a host sync on accelerators, free on CPU).
+    hold value 0 at latent 0 and are False in ``valid``. On accelerators this reads two numbers
+    from the device at once (one host sync, for the width), more when ties reach past the
+    candidates.
+
+    Args:
+        pre: ``(rows, n)`` pre-activations.
+        n_keep: entries to keep before ties (``k * global batch`` for BatchTopK).
+        threshold_of: computes the threshold from the top values (a collective under DDP).
+        positive: also require entries ``> 0``.
     """
     rows, n = pre.shape
-    n_keep = min(k * rows, pre.numel())
-    values, flat = topk_select(pre.reshape(1, -1), n_keep)  # (1, n_keep)
+    numel = pre.numel()
+    m = min(n_keep, numel)
+    probe = m < numel  # select one more entry than kept: it tells whether ties go further
+    values, flat = topk_select(pre.reshape(1, -1), m + int(probe))  # (1, m [+ 1]) unsorted
     values, flat = values[0], flat[0]
-    row = torch.div(flat, n, rounding_mode="floor")
-    col = flat - row * n
-    counts = torch.bincount(row, minlength=rows)  # (rows,)
+    # Nothing below waits for the device until the one read of (spill, width).
+    top = values
+    if probe:  # without one smallest entry: the multiset of the m largest
+        skip = torch.arange(m, device=pre.device)
+        top = values[skip + (skip >= values.argmin()).long()]  # a gather, not a boolean mask
+    threshold = top.min() if threshold_of is None else threshold_of(top)
+    admitted = _admitted(values, threshold, positive)  # (m [+ 1],)
+    # Ties reach past the candidates if their smallest is kept: every other entry is <= it.
+    spill = _admitted(values.min(), threshold, positive) if probe else admitted.new_zeros(())
+    row = torch.where(admitted, torch.div(flat, n, rounding_mode="floor"), rows)
+    counts = torch.zeros(rows + 1, dtype=torch.long, device=pre.device)  # bincount would sync
+    counts = counts.index_add_(0, row, torch.ones_like(row))[:rows]  # kept per row
+    ties_beyond, width = torch.stack([spill.long(), counts.max()]).tolist()
+    if ties_beyond:  # ties at the threshold reach past the candidates
+        return threshold_select(pre, threshold, inclusive=True, positive=positive)
+    return _padded(row, flat - row * n, values, counts, rows, max(width, 1))
+
+
+def threshold_select(
+    pre: Tensor, threshold: Tensor | float, *, inclusive: bool = False, positive: bool = False
+) -> Selection:
+    """Every entry of ``pre`` ``(rows, n)`` above ``threshold`` (at or above: ``inclusive``),
+    padded to the widest row as :func:`batch_topk_select` pads; ``positive``: also ``> 0``.
+
+    The comparison follows PyTorch's type promotion (a 0-dim fp32 threshold is compared in
+    ``pre``'s dtype), as the dense ``acts > threshold`` does.
+    """
+    rows = pre.shape[0]
+    mask = pre >= threshold if inclusive else pre > threshold
+    if positive:
+        mask &= pre > 0
+    row, col = mask.nonzero(as_tuple=True)  # row-major: sorted by row
+    counts = torch.bincount(row, minlength=rows)
     width = max(int(counts.max()), 1)
-    order = row.argsort(stable=True)
-    row, col, values = row[order], col[order], values[order]
-    slot = torch.arange(n_keep, device=pre.device) - (counts.cumsum(0) - counts)[row]
-    out_values = pre.new_zeros(rows, width)
-    out_indices = torch.zeros(rows, width, dtype=torch.long, device=pre.device)
-    valid = torch.zeros(rows, width, dtype=torch.bool, device=pre.device)
-    out_values[row, slot] = values
-    out_indices[row, slot] = col
-    valid[row, slot] = True
-    return out_values, out_indices, valid
+    return _padded(row, col, pre[row, col], counts, rows, width, sorted_rows=True)
+
+
+def _admitted(values: Tensor, threshold: Tensor, positive: bool) -> Tensor:
+    keep = values >= threshold
+    return keep & (values > 0) if positive else keep
+
+
+def _padded(
+    row: Tensor,
+    col: Tensor,
+    values: Tensor,
+    counts: Tensor,
+    rows: int,
+    width: int,
+    *,
+    sorted_rows: bool = False,
+) -> Selection:
+    """``(rows, width)`` values, ids and validity from entries ``(row, col, values)``.
+
+    Entries with ``row == rows`` are dropped (not admitted); ``counts`` holds the kept entries
+    per row. Slots are filled in the order of the entries within each row.
+    """
+    if not sorted_rows:
+        order = row.argsort(stable=True)
+        row, col, values = row[order], col[order], values[order]
+    starts = counts.cumsum(0) - counts  # (rows,) first entry of each row
+    starts = torch.cat([starts, starts.new_zeros(1)])  # the drop row
+    slot = torch.arange(row.numel(), device=row.device) - starts[row]
+    # One slot past the last real one takes every dropped entry, then is cut off.
+    pos = torch.where(row < rows, row * width + slot, rows * width)
+    out_values = values.new_zeros(rows * width + 1)
+    out_indices = torch.zeros(rows * width + 1, dtype=torch.long, device=row.device)
+    valid = torch.zeros(rows * width + 1, dtype=torch.bool, device=row.device)
+    out_values[pos] = values
+    out_indices[pos] = col
+    valid[pos] = row < rows
+    cut = rows * width
+    return (
+        out_values[:cut].view(rows, width),
+        out_indices[:cut].view(rows, width),
+        valid[:cut].view(rows, width),
+    )
 
 
 class EncoderInputs(NamedTuple):
@@ -169,9 +256,7 @@ class TopKEncoder(torch.autograd.Function):
                     select(_affine(x_enc[i : i + step], w, b, out=chunk[: min(step, batch - i)]))
                     for i in range(0, batch, step)
                 ]
-            values = torch.cat([p[0] for p in parts])
-            indices = torch.cat([p[1] for p in parts])
-            valid = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+            values, indices, valid = _concat(parts)
         if rows is not None:
             indices = rows[indices]
         ctx.save_for_backward(x_enc, weight, indices, valid)
@@ -205,6 +290,21 @@ class TopKEncoder(torch.autograd.Function):
                 # sum_b grad_x[b] = per_latent @ W; the shift enters with a minus sign.
                 grad_shift = -(per_latent @ weight)
         return grad_x, grad_shift, grad_w, grad_b, None, None, None
+
+
+def _concat(parts: list[Selection]) -> Selection:
+    """The selections of consecutive row chunks as one, padding them to a common width."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p[0].shape[1] for p in parts)
+    if parts[0][2] is None or all(p[0].shape[1] == width for p in parts):
+        valid = None if parts[0][2] is None else torch.cat([p[2] for p in parts])  # type: ignore[misc]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), valid
+
+    def pad(t: Tensor) -> Tensor:
+        return F.pad(t, (0, width - t.shape[1]))  # zeros: value 0, latent 0, not valid
+
+    return tuple(torch.cat([pad(p[i]) for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
 class _Workspace:
@@ -484,23 +584,65 @@ def topk_encode(
     return TopKEncoder.apply(x, shift, weight, bias, _topk_selection(k), rows, chunk_rows)
 
 
-def batch_topk_encode(inputs: EncoderInputs, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchTopK of the encoder's pre-activations: the ``k * batch`` largest of the batch.
+def batch_topk_encode(
+    inputs: EncoderInputs,
+    n_keep: int,
+    *,
+    threshold_of: ThresholdFn | None = None,
+    positive: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK of the encoder's pre-activations (:func:`batch_topk_select`).
 
     The whole ``(batch, d_sae)`` product exists at once here (the selection spans rows).
+
+    Args:
+        inputs: the linear encoder's input, weight and bias.
+        n_keep: entries kept over the batch before ties (``k * batch``, times the DDP world).
+        threshold_of, positive: as for :func:`batch_topk_select`.
 
     Returns:
         ``(values, indices, valid)``, each ``(batch, width)`` with ``width`` the most entries
         any row kept; padded slots have value 0, latent 0 and ``valid`` False.
     """
-    valid_out: list[Tensor | None] = []
 
     def select(pre: Tensor) -> Selection:
-        sel = batch_topk_select(pre, k)
-        valid_out.append(sel[2])
-        return sel
+        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, positive=positive)
 
-    values, indices = TopKEncoder.apply(*inputs, select, None, None)
-    valid = valid_out[0]
+    return _encode_padded(inputs, select, None)
+
+
+def threshold_encode(
+    inputs: EncoderInputs, threshold: Tensor | float, *, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The encoder's pre-activations above ``threshold`` (:func:`threshold_select`), row by row.
+
+    BatchTopK's inference rule. The selection is per row, so the product runs in row chunks
+    as for :func:`topk_encode`.
+
+    Returns:
+        ``(values, indices, valid)`` as :func:`batch_topk_encode` returns them.
+    """
+    x, _, weight, _ = inputs
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(x.shape[0], weight.shape[0], x.element_size(), x.device)
+
+    def select(pre: Tensor) -> Selection:
+        return threshold_select(pre, threshold)
+
+    return _encode_padded(inputs, select, chunk_rows)
+
+
+def _encode_padded(
+    inputs: EncoderInputs, select: Callable[[Tensor], Selection], chunk_rows: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`TopKEncoder` with a padding selection; also returns the validity mask."""
+    parts: list[Selection] = []
+
+    def recording(pre: Tensor) -> Selection:
+        parts.append(select(pre))
+        return parts[-1]
+
+    values, indices = TopKEncoder.apply(*inputs, recording, None, chunk_rows)
+    valid = _concat(parts)[2]
     assert valid is not None
     return values, indices, valid

@@ -9,9 +9,15 @@ are all kept, so L0 exceeds k by the number of tied entries (none with continuou
 at a zero threshold the extra entries are zeros and change nothing). The rule does not depend
 on how the batch is split, which is what makes data parallelism exact: under DDP the batch is
 the GLOBAL one. Each rank takes its local top ``k x global batch`` values, all-gathers them
-(values only, fp32), finds the global threshold and keeps its own entries ``>=`` it, so W ranks
-select exactly what one process selects on the concatenated batch, and every rank updates the
-running threshold identically. This needs equal local batch sizes, as Lightning's DDP gives.
+(values only, fp32; fp64 for fp64 activations), finds the global threshold and keeps its own
+entries ``>=`` it, so W ranks select exactly what one process selects on the concatenated
+batch, and every rank updates the running threshold identically. This needs equal local batch
+sizes, as Lightning's DDP gives.
+
+With a linear encoder the SAE calls :meth:`BatchTopK.fused_encode`: the same rule and the same
+collective on the sparse path of :mod:`sae_lightning.kernels.topk_encoder`, whose codes are
+``(index, value)`` pairs padded to the widest row and whose backward touches only the kept
+entries. :meth:`BatchTopK.forward` is the dense path and the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -28,8 +34,13 @@ from sae_lightning.components.base import (
     SparsityOutput,
     data_parallel_world_size,
 )
-from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_loss
+from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_loss, fused_auxk_loss
 from sae_lightning.components.sparsity.topk import check_k
+from sae_lightning.kernels.topk_encoder import (
+    EncoderInputs,
+    batch_topk_encode,
+    threshold_encode,
+)
 
 
 class BatchTopKConfig(AuxKConfig):
@@ -37,6 +48,38 @@ class BatchTopKConfig(AuxKConfig):
     threshold_momentum: float = Field(
         0.01, gt=0, le=1, description="EMA rate of the inference threshold (SAELens: 0.01)"
     )
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in fp32, or as it is when wider (fp64): the threshold never rounds a kept value."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def batch_threshold(top: Tensor, n_keep: int, world: int) -> tuple[Tensor, Tensor]:
+    """The global selection threshold from this rank's largest activations.
+
+    Args:
+        top: this rank's ``min(n_keep, local entries)`` largest non-negative activations, in
+            any order, in fp32 or wider (:func:`at_least_fp32`).
+        n_keep: entries kept over the global batch (``k x global batch``).
+        world: DDP ranks taking part; above 1 this is a collective (every rank must call it):
+            one all-gather of ``n_keep`` floats.
+
+    Returns:
+        ``(threshold, smallest)``, scalars of ``top``'s dtype: the ``n_keep``-th largest
+        activation of the global batch, and the smallest positive one among the ``n_keep``
+        largest (``inf`` when none is positive), which the running inference threshold follows.
+    """
+    if world > 1:
+        if top.numel() < n_keep:  # d_sae < k * world: pad so every rank sends the same size
+            top = torch.cat([top, top.new_full((n_keep - top.numel(),), -torch.inf)])
+        gathered = [torch.empty_like(top) for _ in range(world)]
+        dist.all_gather(gathered, top)
+        # Every entry of the global top n_keep is in its own rank's local top n_keep.
+        top = torch.cat(gathered).topk(n_keep, sorted=False).values
+    threshold = top.min()
+    smallest = torch.where(top > 0, top, torch.full_like(top, torch.inf)).min()
+    return threshold, smallest
 
 
 def select_batch_topk(acts: Tensor, k: int, *, across_ranks: bool) -> tuple[Tensor, Tensor]:
@@ -50,21 +93,14 @@ def select_batch_topk(acts: Tensor, k: int, *, across_ranks: bool) -> tuple[Tens
 
     Returns:
         ``(codes, smallest)``: the codes (same shape and dtype as ``acts``) and, as an fp32
-        scalar, the smallest positive kept value (``inf`` when nothing positive was kept).
+        scalar (fp64 for fp64 ``acts``), the smallest positive kept value (``inf`` when nothing
+        positive was kept).
     """
     world = data_parallel_world_size() if across_ranks else 1
     n_keep = k * acts.shape[0] * world
     flat = acts.detach().reshape(-1)
-    top = flat.topk(min(n_keep, flat.numel()), sorted=False).values.float()
-    if world > 1:
-        if top.numel() < n_keep:  # d_sae < k * world: pad so every rank sends the same size
-            top = torch.cat([top, top.new_full((n_keep - top.numel(),), -torch.inf)])
-        gathered = [torch.empty_like(top) for _ in range(world)]
-        dist.all_gather(gathered, top)
-        # Every entry of the global top n_keep is in its own rank's local top n_keep.
-        top = torch.cat(gathered).topk(n_keep, sorted=False).values
-    threshold = top.min()
-    smallest = torch.where(top > 0, top, torch.full_like(top, torch.inf)).min()
+    top = at_least_fp32(flat.topk(min(n_keep, flat.numel()), sorted=False).values)
+    threshold, smallest = batch_threshold(top, n_keep, world)
     return acts.masked_fill(acts < threshold, 0.0), smallest
 
 
@@ -86,6 +122,8 @@ class BatchTopK(SparsityFn):
         # Negative means "not measured yet"; inference then falls back to batch selection.
         # Kept in fp32 whatever the training precision.
         self.register_buffer("threshold", torch.tensor(-1.0))
+        # What the last fused forward fed the encoder, for the fused AuxK term of the same step.
+        self._encoder_inputs: EncoderInputs | None = None
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         acts = torch.relu(pre_acts)
@@ -98,6 +136,49 @@ class BatchTopK(SparsityFn):
             codes = batch_topk(acts, self.config.k)
         return SparsityOutput(Codes(codes, None, self.d_sae), {})
 
+    def fused_encode(
+        self, inputs: EncoderInputs, *, step: int, decoder: Decoder
+    ) -> tuple[SparsityOutput, Tensor | None]:
+        """The rule of :meth:`forward` on the sparse path, without ``(batch, d_sae)`` codes.
+
+        Training selects over the global batch (the same all-gather as :meth:`forward`) and
+        updates the running threshold; inference keeps what exceeds the measured threshold, or,
+        before one is measured, selects over the batch alone.
+
+        Args:
+            inputs: the linear encoder's input, centring shift, weight and bias.
+            step, decoder: as for :meth:`forward`.
+
+        Returns:
+            Sparse codes padded to the widest row (padded slots are zeros at latent 0), and
+            None for the pre-activations, which are never materialised.
+        """
+        k, batch = self.config.k, inputs.x.shape[0]
+        if self.training:
+            world = data_parallel_world_size()
+            n_keep = k * batch * world
+
+            def threshold_of(top: Tensor) -> Tensor:
+                threshold, smallest = batch_threshold(at_least_fp32(torch.relu(top)), n_keep, world)
+                self._update_threshold(smallest)
+                return threshold
+
+            values, indices, _ = batch_topk_encode(
+                inputs, n_keep, threshold_of=threshold_of, positive=True
+            )
+        elif bool(self.threshold >= 0):
+            values, indices, _ = threshold_encode(inputs, self.threshold)
+        else:
+
+            def local_threshold(top: Tensor) -> Tensor:
+                return batch_threshold(at_least_fp32(torch.relu(top)), k * batch, 1)[0]
+
+            values, indices, _ = batch_topk_encode(
+                inputs, k * batch, threshold_of=local_threshold, positive=True
+            )
+        self._encoder_inputs = inputs if torch.is_grad_enabled() else None
+        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}), None
+
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:
         has_any = torch.isfinite(smallest)
@@ -108,9 +189,19 @@ class BatchTopK(SparsityFn):
         self.threshold.copy_(torch.where(has_any, ema, old))
 
     def auxiliary_losses(
-        self, pre_acts: Tensor, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
+        inputs, self._encoder_inputs = self._encoder_inputs, None
         if self.config.aux_coefficient == 0:
             return {}
-        aux = auxk_loss(pre_acts, x, residual, decoder, dead, self.k_aux)
+        if pre_acts is not None:
+            aux = auxk_loss(pre_acts, x, residual, decoder, dead, self.k_aux)
+        elif inputs is not None:
+            aux = fused_auxk_loss(inputs, x, residual, decoder, dead, self.k_aux)
+        else:
+            raise ValueError(
+                "BatchTopK.auxiliary_losses got pre_acts=None but no fused forward with "
+                "gradients ran before it; pass the (batch, d_sae) pre-activations, or call it "
+                "right after SparseAutoencoder.run in the same training step"
+            )
         return {"auxk": self.config.aux_coefficient * aux}
