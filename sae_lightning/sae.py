@@ -108,7 +108,7 @@ class SparseAutoencoder(nn.Module):
     def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
         fused_encode = getattr(self.sparsity, "fused_encode", None)
-        if self.fused and fused_encode is not None:
+        if self.fused and fused_encode is not None and x.shape[0] > 0:
             affine = _affine_weights(self.encoder)
             if affine is not None:
                 shift = self.decoder.b_dec if self.encoder.center_input else None

@@ -489,3 +489,16 @@ def test_topk_auxiliary_losses_use_coefficient_and_can_be_disabled() -> None:
     off = build("sparsity", {"name": "topk", "k": 4, "aux_coefficient": 0.0})
     assert off.auxiliary_losses(pre, x, residual, dec, dead) == {}
     assert build("sparsity", {"name": "topk", "k": 4}).k_aux == D_IN // 2
+
+
+@pytest.mark.parametrize("name", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_an_empty_batch_encodes_and_decodes_to_nothing(name: str) -> None:
+    # e2e training can hand the SAE no positions at all (every token special).
+    from sae_lightning.sae import SparseAutoencoder
+
+    spec = {"name": name, **({"k": 4} if "topk" in name else {})}
+    sae = SparseAutoencoder(8, 32, {"name": "linear"}, {"name": "linear"}, spec)
+    out = sae.run(torch.zeros(0, 8))
+    assert out.x_hat.shape == (0, 8) and out.codes.l0().shape == (0,)
+    out.x_hat.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in sae.parameters())

@@ -77,6 +77,9 @@ def batch_threshold(top: Tensor, n_keep: int, world: int) -> tuple[Tensor, Tenso
         dist.all_gather(gathered, top)
         # Every entry of the global top n_keep is in its own rank's local top n_keep.
         top = torch.cat(gathered).topk(n_keep, sorted=False).values
+    if top.numel() == 0:  # an empty batch keeps nothing
+        inf = top.new_full((), torch.inf)
+        return inf, inf
     threshold = top.min()
     smallest = torch.where(top > 0, top, torch.full_like(top, torch.inf)).min()
     return threshold, smallest
