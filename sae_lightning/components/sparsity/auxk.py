@@ -83,3 +83,43 @@ def fused_auxk_loss(
     scale = min(n_dead / k_aux, 1.0)
     total_variance = total_variance_share(x).clamp_min(1e-12)
     return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+
+
+def auxk_terms(
+    owner: str,
+    coefficient: float,
+    pre_acts: Tensor | None,
+    inputs: EncoderInputs | None,
+    x: Tensor,
+    residual: Tensor,
+    decoder: Decoder,
+    dead: Tensor,
+    k_aux: int,
+) -> dict[str, Tensor]:
+    """``{"auxk": coefficient * term}`` for a TopK-family plugin's ``auxiliary_losses``.
+
+    The dense term when ``pre_acts`` is given, the fused one from ``inputs`` (what the plugin's
+    ``fused_encode`` kept this step) otherwise; ``{}`` when ``coefficient`` is 0.
+
+    Args:
+        owner: the plugin's class name, for the error message.
+        coefficient: ``aux_coefficient``.
+        pre_acts, inputs: the two ways to reach the dead latents' pre-activations.
+        x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
+
+    Raises:
+        ValueError: neither ``pre_acts`` nor ``inputs`` is available.
+    """
+    if coefficient == 0:
+        return {}
+    if pre_acts is not None:
+        aux = auxk_loss(pre_acts, x, residual, decoder, dead, k_aux)
+    elif inputs is not None:
+        aux = fused_auxk_loss(inputs, x, residual, decoder, dead, k_aux)
+    else:
+        raise ValueError(
+            f"{owner}.auxiliary_losses got pre_acts=None but no fused forward with gradients "
+            "ran before it; pass the (batch, d_sae) pre-activations, or call it right after "
+            "SparseAutoencoder.run in the same training step"
+        )
+    return {"auxk": coefficient * aux}

@@ -34,7 +34,7 @@ from sae_lightning.components.base import (
     SparsityOutput,
     data_parallel_world_size,
 )
-from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_loss, fused_auxk_loss
+from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_terms
 from sae_lightning.components.sparsity.topk import check_k
 from sae_lightning.kernels.topk_encoder import (
     EncoderInputs,
@@ -195,16 +195,14 @@ class BatchTopK(SparsityFn):
         self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
         inputs, self._encoder_inputs = self._encoder_inputs, None
-        if self.config.aux_coefficient == 0:
-            return {}
-        if pre_acts is not None:
-            aux = auxk_loss(pre_acts, x, residual, decoder, dead, self.k_aux)
-        elif inputs is not None:
-            aux = fused_auxk_loss(inputs, x, residual, decoder, dead, self.k_aux)
-        else:
-            raise ValueError(
-                "BatchTopK.auxiliary_losses got pre_acts=None but no fused forward with "
-                "gradients ran before it; pass the (batch, d_sae) pre-activations, or call it "
-                "right after SparseAutoencoder.run in the same training step"
-            )
-        return {"auxk": self.config.aux_coefficient * aux}
+        return auxk_terms(
+            "BatchTopK",
+            self.config.aux_coefficient,
+            pre_acts,
+            inputs,
+            x,
+            residual,
+            decoder,
+            dead,
+            self.k_aux,
+        )

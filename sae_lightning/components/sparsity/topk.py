@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput
-from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_loss, fused_auxk_loss
+from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_terms
 from sae_lightning.errors import ConfigError
 from sae_lightning.kernels.topk_encoder import EncoderInputs, topk_encode, topk_select
 
@@ -70,16 +70,14 @@ class TopK(SparsityFn):
         self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
         inputs, self._encoder_inputs = self._encoder_inputs, None
-        if self.config.aux_coefficient == 0:
-            return {}
-        if pre_acts is not None:
-            aux = auxk_loss(pre_acts, x, residual, decoder, dead, self.k_aux)
-        elif inputs is not None:
-            aux = fused_auxk_loss(inputs, x, residual, decoder, dead, self.k_aux)
-        else:
-            raise ValueError(
-                "TopK.auxiliary_losses got pre_acts=None but no fused forward with gradients "
-                "ran before it; pass the (batch, d_sae) pre-activations, or call it right after "
-                "SparseAutoencoder.run in the same training step"
-            )
-        return {"auxk": self.config.aux_coefficient * aux}
+        return auxk_terms(
+            "TopK",
+            self.config.aux_coefficient,
+            pre_acts,
+            inputs,
+            x,
+            residual,
+            decoder,
+            dead,
+            self.k_aux,
+        )
