@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from fused_paths import grads, run_both
 from torch.testing import assert_close
 
 from sae_lightning.components.sparsity import batchtopk
@@ -173,27 +174,6 @@ def batch_of(kind: str, sae: SparseAutoencoder) -> torch.Tensor:
             sae.encoder.W_enc[:20] = 0.0
             sae.encoder.b_enc[:20] = 10.0
     return x
-
-
-def grads(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
-    return {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
-
-
-def run_both(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None = None):
-    """Outputs, loss and gradients of the fused and the dense path (copies of ``sae``)."""
-    results = []
-    for fused in (True, False):
-        model = copy.deepcopy(sae)
-        model.fused = fused
-        out = model.run(x)
-        loss = (x - out.x_hat).pow(2).sum(dim=1).mean()
-        if dead is not None:
-            residual = x - out.x_hat.detach()
-            aux = model.sparsity.auxiliary_losses(out.pre_acts, x, residual, model.decoder, dead)
-            loss = loss + aux["auxk"]
-        loss.backward()
-        results.append((out, loss, grads(model), model))
-    return results
 
 
 @pytest.mark.parametrize("seed", SEEDS)

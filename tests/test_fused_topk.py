@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from fused_paths import run_both
 from torch.testing import assert_close
 
 from sae_lightning.components.sparsity.auxk import auxk_loss
@@ -212,27 +213,6 @@ def batch_of(kind: str, sae: SparseAutoencoder) -> torch.Tensor:
     return x
 
 
-def grads(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
-    return {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
-
-
-def run_both(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None = None):
-    """Loss and gradients of the fused and the dense path on the same SAE and batch."""
-    results = []
-    for fused in (True, False):
-        model = copy.deepcopy(sae)
-        model.fused = fused
-        out = model.run(x)
-        loss = (x - out.x_hat).pow(2).sum(dim=1).mean()
-        if dead is not None:
-            residual = x - out.x_hat.detach()
-            aux = model.sparsity.auxiliary_losses(out.pre_acts, x, residual, model.decoder, dead)
-            loss = loss + aux["auxk"]
-        loss.backward()
-        results.append((out, loss, grads(model)))
-    return results
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("kind", ["random", "zero_rows"])
 @pytest.mark.parametrize("decoder", ["linear", "tied"])
@@ -244,7 +224,7 @@ def test_fused_run_matches_dense_values_and_gradients(
         monkeypatch.setattr(topk_encoder, "DEFAULT_CHUNK_BYTES", chunk_bytes)
     sae = make_sae(decoder, seed)
     x = batch_of(kind, sae)
-    (fused, loss_f, grads_f), (dense, loss_d, grads_d) = run_both(sae, x)
+    (fused, loss_f, grads_f, _), (dense, loss_d, grads_d, _) = run_both(sae, x)
 
     assert fused.pre_acts is None and dense.pre_acts is not None
     assert fused.codes.indices is not None and fused.codes.values.shape == (B, K)
@@ -269,7 +249,7 @@ def test_fused_auxk_matches_dense(seed, n_dead) -> None:
     x = torch.randn(B, D_IN) * 2 + 1
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE)[:n_dead]] = True
-    (_, loss_f, grads_f), (out_d, loss_d, grads_d) = run_both(sae, x, dead)
+    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, _) = run_both(sae, x, dead)
     close(loss_f, loss_d)
     for name in grads_d:
         close(grads_f[name], grads_d[name])
