@@ -76,5 +76,9 @@ def inner_products(a: Tensor, b: Tensor) -> Tensor:
 
 def relative_l2(u: Tensor, u_hat: Tensor, eps: float = 1e-12) -> Tensor:
     """``(batch,)`` relative L2 errors ``||u - u_hat|| / ||u||``."""
-    err = l2_norm_sq(u - u_hat)
-    return (err / l2_norm_sq(u).clamp_min(eps)).sqrt()
+    return relative_l2_of_residual(u, u - u_hat, eps)
+
+
+def relative_l2_of_residual(u: Tensor, residual: Tensor, eps: float = 1e-12) -> Tensor:
+    """:func:`relative_l2` from ``u`` and an already computed ``u - u_hat``."""
+    return (l2_norm_sq(residual) / l2_norm_sq(u).clamp_min(eps)).sqrt()

@@ -29,7 +29,13 @@ from typing_extensions import override
 
 from sae_lightning.components.base import Touched, data_parallel_world_size, total_variance_share
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
-from sae_lightning.functional import as_points, is_function_batch, l2_norm_sq, relative_l2
+from sae_lightning.functional import (
+    as_points,
+    is_function_batch,
+    l2_norm_sq,
+    relative_l2,
+    relative_l2_of_residual,
+)
 from sae_lightning.metrics import (
     FeatureDensity,
     FractionOfVarianceUnexplained,
@@ -242,7 +248,7 @@ class SAEModule(pl.LightningModule):
             metrics.update({f"train/loss/{k}": v.detach().float() for k, v in terms.items()})
             metrics["train/l0"] = out.codes.l0().float().mean()
             if is_function_batch(x):
-                metrics["train/rel_l2"] = relative_l2(x, out.x_hat).mean()
+                metrics["train/rel_l2"] = relative_l2_of_residual(x, residual).mean()
             fire_counts = out.codes.fire_counts()
             n_tokens: int | Tensor = x.shape[0]
             world = data_parallel_world_size()
