@@ -26,10 +26,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
+from expander_common import StepTimer
 
 from sae_lightning.recipe import load_recipe
 from sae_lightning.runner import build_run, finish
@@ -41,22 +40,6 @@ RECIPE = ROOT / "recipes" / "expander-frontier.yaml"
 DOC = ROOT / "docs" / "expander.md"
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 DEGREES = (4, 8, 16, 32, 64, 128)
-
-
-class StepTimer(pl.Callback):
-    """Wall time of each training step, from batch start to batch end (after the optimizer)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, out: Any, batch: Any, i: int
-    ) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def variants() -> list[tuple[str, list[tuple[str, str]]]]:

@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from expander_common import train_step
 from sae_expander import encode_omp
 from sae_expander.omp import omp_dense
 
@@ -92,16 +93,7 @@ def step_time(kind: str, shape: tuple[int, ...], device: str, steps: int) -> tup
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = sae.run(x)
-        residual = x - out.x_hat.detach()
-        aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
-        loss = (x - out.x_hat).pow(2).sum(dim=1).mean() + sum(aux.values())
-        loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.after_optimizer_step()
-        del out, residual, aux, loss
+        train_step(sae, x, opt, dead)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -37,6 +37,7 @@ def _status_kib(field: str) -> int:
 def child(kind: str, m: int, n: int, d: int, k: int, batch: int, steps: int) -> dict:
     """Build one SAE, run ``steps`` training steps, return its peak memory in MiB."""
     import torch
+    from expander_common import train_step  # before the baseline, like torch and lightning
 
     from sae_lightning.sae import SparseAutoencoder
 
@@ -65,16 +66,7 @@ def child(kind: str, m: int, n: int, d: int, k: int, batch: int, steps: int) -> 
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed build temporaries back to the kernel
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: build temporaries excluded
     for _ in range(steps):
-        out = sae.run(x)
-        residual = x - out.x_hat.detach()
-        aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
-        loss = (x - out.x_hat).pow(2).sum(dim=1).mean() + sum(aux.values())
-        loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.after_optimizer_step()
-        del out, residual, aux, loss  # as when training_step returns: nothing outlives a step
+        train_step(sae, x, opt, dead)
     return {
         "kind": kind,
         "batch": batch,

@@ -19,33 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 import warnings
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
+from expander_common import StepTimer
 
 from sae_lightning.config import RecipeConfig
 from sae_lightning.runner import build_run
 
 warnings.filterwarnings("ignore")
-
-
-class StepTimer(pl.Callback):
-    """Wall time of every training step, from batch start to batch end (after the optimizer)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, out: Any, batch: Any, i: int
-    ) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def recipe(kind: str, args: argparse.Namespace, steps: int) -> RecipeConfig:
