@@ -27,6 +27,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from sae_lightning.cadence import logs_step
 from sae_lightning.components.base import Touched, data_parallel_world_size, total_variance_share
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
 from sae_lightning.functional import (
@@ -263,10 +264,18 @@ class SAEModule(pl.LightningModule):
         return StepOutput(loss, terms, metrics)
 
     def log_metrics(self, metrics: dict[str, Tensor], prefix: str = "") -> None:
-        """Log a step's metrics (already global, so no further sync) under ``prefix``."""
+        """Log a step's metrics (already global, so no further sync) under ``prefix``.
+
+        Only on the steps whose metrics reach the logger (:func:`~sae_lightning.cadence.logs_step`):
+        on the others Lightning would drop them, after paying for each ``self.log`` call. None is
+        a progress-bar value (``prog_bar=True`` values are read on the host after every step);
+        the bar (:class:`~sae_lightning.callbacks.progress.LoggedMetricsBar`) shows the logged
+        ones, refreshed on the same cadence.
+        """
+        if not logs_step(self.trainer, self.global_step):
+            return
         for key, value in metrics.items():
-            show = not prefix and key in ("train/loss", "train/l0")
-            self.log(f"{prefix}{key}", value, prog_bar=show)
+            self.log(f"{prefix}{key}", value)
 
     @torch.no_grad()
     def _update_dead_counters(self, fire_counts: Tensor, n_tokens: int | Tensor) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
+from sae_lightning.callbacks.progress import LoggedMetricsBar
 from sae_lightning.checkpoint_io import AtomicCheckpointIO
 from sae_lightning.config import RecipeConfig, split_spec
 from sae_lightning.data.normalization import fold_input_scale
@@ -186,7 +187,7 @@ def build_run(
     ]
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
     if trainer_args.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(LoggedMetricsBar())
     for i, spec in enumerate(recipe.callbacks):
         callbacks.append(registry.build("callbacks", spec, field=f"callbacks.{i}"))
     logger: TensorBoardLogger | bool = False

@@ -1,4 +1,5 @@
-"""A NaN injected at step k stops the run at step k, and the last checkpoint stays finite."""
+"""A NaN injected at step k stops the run by the next logging step, naming step k, and the last
+checkpoint stays finite."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def small_recipe(tmp_path, *extra):
             ("trainer.max_steps", "40"),
             ("trainer.val_check_interval", "40"),
             ("trainer.enable_progress_bar", "false"),
+            ("trainer.log_every_n_steps", "10"),
             ("checkpoint.every_n_steps", "5"),
             *extra,
         ],
@@ -92,7 +94,9 @@ def test_nan_at_step_k_stops_with_message_and_keeps_last_good_checkpoint(tmp_pat
     assert f"non-finite loss at step {k} in term(s) reconstruction" in message
     assert "Likely cause: reconstruction: inputs with NaN/Inf" in message
     assert "--ckpt_path last" in message
-    assert run.trainer.global_step == k + 1
+    # The guard reads its device-side flag on logging steps (every 10) and before every
+    # checkpoint (every 5): the step-15 checkpoint is refused, so the run stops there.
+    assert k < run.trainer.global_step <= 20
 
     last = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)

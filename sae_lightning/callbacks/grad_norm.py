@@ -6,6 +6,8 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from sae_lightning.cadence import logs_step
+
 
 @torch.no_grad()
 def global_grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
@@ -34,9 +36,7 @@ class GradNormMonitor(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        every = trainer.log_every_n_steps
-        # global_step counts finished optimizer steps; Lightning logs when (step + 1) % every == 0.
-        if every <= 0 or (trainer.global_step + 1) % every:
+        if not logs_step(trainer, trainer.global_step):  # global_step: finished steps
             return
         norm = global_grad_norm(pl_module)
         if norm is not None:

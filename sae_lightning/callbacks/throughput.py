@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
+from sae_lightning.cadence import logs_step
+
 
 def batch_sizes(batch: Any) -> tuple[int, int]:
     """``(tokens, samples)`` in one local batch: rows of activations and leading items.
@@ -25,7 +27,7 @@ def batch_sizes(batch: Any) -> tuple[int, int]:
 
 
 class ThroughputMonitor(pl.Callback):
-    """Log ``throughput/tokens_per_s`` (on the progress bar) and ``throughput/samples_per_s``.
+    """Log ``throughput/tokens_per_s`` (shown on the progress bar) and ``throughput/samples_per_s``.
 
     Wall-clock rates over the last ``window`` training batches of all ranks together (data
     loading, forward, backward and optimizer step included); the window restarts after each
@@ -72,12 +74,10 @@ class ThroughputMonitor(pl.Callback):
         elapsed = self._ends[-1][0] - start
         if elapsed <= 0 or len(self._ends) < 2:
             return
-        if trainer.global_step % trainer.log_every_n_steps:
-            # Logging a Python float makes the accelerator wait for a host-to-device copy;
-            # on a GPU doing it every step cost a third of the step (docs/performance.md).
+        if not logs_step(trainer, trainer.global_step - 1):
+            # Logging a Python float copies it to the device, a wait for the host: logging
+            # steps only (the progress bar shows the logged value).
             return
         counted = list(self._ends)[1:]  # batches that ended after the window's start
-        pl_module.log(
-            "throughput/tokens_per_s", sum(t for _, t, _ in counted) / elapsed, prog_bar=True
-        )
+        pl_module.log("throughput/tokens_per_s", sum(t for _, t, _ in counted) / elapsed)
         pl_module.log("throughput/samples_per_s", sum(s for _, _, s in counted) / elapsed)

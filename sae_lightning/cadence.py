@@ -1,0 +1,23 @@
+"""The one cadence on which the training loop reads device values: Lightning's logging steps.
+
+Reading a device value on the host (``.item()``, ``bool(tensor)``, a copy to the CPU) makes the
+host wait until the device has run everything queued before it. Between logging steps the
+module, the callbacks and the progress bar read nothing, so the host keeps queueing work while
+the device runs; on logging steps (every ``trainer.log_every_n_steps``) they may.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+
+def logs_step(trainer: pl.Trainer, step: int) -> bool:
+    """Whether Lightning writes the metrics of training step ``step`` to the logger.
+
+    Args:
+        trainer: the running trainer.
+        step: 0-based optimizer step: ``trainer.global_step`` inside ``training_step`` and
+            ``on_before_optimizer_step``, ``trainer.global_step - 1`` in ``on_train_batch_end``.
+    """
+    every = trainer.log_every_n_steps
+    return every > 0 and (step + 1) % every == 0
