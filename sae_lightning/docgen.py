@@ -177,6 +177,7 @@ def _sections(model: type[BaseModel], path: str) -> Iterator[tuple[str, type[Bas
 
 
 def _recipe_part() -> list[str]:
+    from sae_lightning.precision import DEFAULT_TEXT
     from sae_lightning.recipe import RESERVED_TRAINER_KEYS
     from sae_lightning.runner import TRAINER_DEFAULTS
 
@@ -192,7 +193,8 @@ def _recipe_part() -> list[str]:
         "starts from these values, and the recipe's `trainer:` mapping overrides them:",
         "",
         table(
-            [(_code(k), _code(render_value(v))) for k, v in TRAINER_DEFAULTS.items()],
+            [(_code(k), _code(render_value(v))) for k, v in TRAINER_DEFAULTS.items()]
+            + [(_code("precision"), DEFAULT_TEXT)],
             ("key", "sae-lightning default"),
         ),
         "",

@@ -26,6 +26,7 @@ from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule, as_tensor
+from sae_lightning.precision import with_default_precision
 from sae_lightning.registry import registry
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -185,7 +186,7 @@ def build_run(
         NonFiniteGuard(),
         *monitoring_callbacks(),
     ]
-    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
+    trainer_args = with_default_precision({**TRAINER_DEFAULTS, **recipe.trainer})
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(LoggedMetricsBar())
     for i, spec in enumerate(recipe.callbacks):

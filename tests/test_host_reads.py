@@ -62,7 +62,9 @@ def _not_a_device_read() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
-        if code.co_name in _HOST_SIDE + _CPU_ONLY or any(p in code.co_filename for p in _DATA_FILES):
+        if code.co_name in _HOST_SIDE + _CPU_ONLY or any(
+            p in code.co_filename for p in _DATA_FILES
+        ):
             return True
         frame = frame.f_back
     return False
@@ -151,4 +153,8 @@ def test_no_host_reads_between_logging_steps(tmp_path, plugin: str) -> None:
     assert between == {}, f"host reads on steps that do not log: {between}"
     for step in LOGGING_STEPS:
         n = sum(counter.reads.get(step, Counter()).values())
-        assert 0 < n <= MAX_READS_ON_A_LOGGING_STEP, (step, n, list(counter.reads.get(step, {}).items()))
+        assert 0 < n <= MAX_READS_ON_A_LOGGING_STEP, (
+            step,
+            n,
+            list(counter.reads.get(step, {}).items()),
+        )

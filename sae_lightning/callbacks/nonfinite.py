@@ -76,9 +76,7 @@ class _FirstBad:
 
     def packed(self) -> Tensor:
         """``(2 + 2 n_terms,)`` float64: first bad offset, bad flags, values (for one gather)."""
-        return torch.cat(
-            [self.step.double().view(1), self.bad.double(), self.values.double()]
-        )
+        return torch.cat([self.step.double().view(1), self.bad.double(), self.values.double()])
 
 
 class NonFiniteGuard(pl.Callback):

@@ -54,9 +54,9 @@ class LoggedMetricsBar(RichProgressBar):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        if trainer.max_epochs is None or trainer.max_epochs < 1:  # bounded by steps only
-            if self.progress is not None and self.train_progress_bar_id is not None:
-                self.progress.update(self.train_progress_bar_id, description="Training")
+        steps_only = trainer.max_epochs is None or trainer.max_epochs < 1  # not "Epoch 0/-2"
+        if steps_only and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description="Training")
 
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
