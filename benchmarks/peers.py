@@ -2,9 +2,10 @@
 
 Each contender runs in its own subprocess (so peak memory is its own) with the same threads,
 dtype, shapes and synthetic batches, and times its step in alternating rounds with the same
-floor (the encoder product alone) as ``train_step.py``. The table gives tokens/s, peak memory
-and each step's ratio to the floor measured in the same process; the project's speed-up over a
-peer is given raw and floor-normalised (robust to load that changed between subprocesses).
+floor (the encoder product alone) as ``train_step.py`` (both from ``_harness``). The table
+gives tokens/s, peak memory and each step's ratio to the floor measured in the same process;
+the project's speed-up over a peer is given raw and floor-normalised (robust to load that
+changed between subprocesses).
 
     make bench-peers                      # creates .venv-peers, then runs this
     .venv-peers/bin/python benchmarks/peers.py --d-in 768 --n-latents 16384 --k 32 \\
@@ -30,12 +31,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import (  # the benchmark folder is not a package
+from _harness import (  # the benchmark folder is not a package
     Floor,
     MemoryMeter,
     ProjectStep,
     add_shape_args,
     dead_mask,
+    describe_machine,
     emit,
     make_batches,
     measure_peak,
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "project")
     results = {name: run_worker(name, worker_argv(args), args) for name in names}
 
+    machine = describe_machine()
+    print(f"# {machine['cpu']}, torch {machine['torch']}, load {machine['load_avg_1m']}")
     print(
         f"# d_in={args.d_in} n_latents={args.n_latents} k={args.k} batch={args.batch} "
         f"dtype={args.dtype} device={args.device} threads={args.threads or 'default'} "

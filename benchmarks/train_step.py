@@ -11,10 +11,11 @@ change in machine load moves both; ``ratio_to_floor`` is the median of the per-r
         --batch 4096 --steps 10 --threads 2 [--through-trainer] [--dense]
     python benchmarks/train_step.py --device cuda --dtype bf16 --peak-tflops 989
 
-Prints ``key=value`` lines (``tokens_per_s=``, ``peak_mem_mb=``, ...) and ends with
-``ratio_to_floor=<float>``. Times are medians over rounds; the ``best_*`` lines give the fastest
-round of each, the least disturbed by other processes on a shared machine. ``peers.py``
-imports the helpers below for its side-by-side table.
+Prints ``key=value`` lines (the machine, ``tokens_per_s=``, ``peak_mem_mb=``, ...) and ends
+with ``ratio_to_floor=<float>``. Times are medians over rounds; the ``best_*`` lines give the
+fastest round of each, the least disturbed by other processes on a shared machine. The step,
+the floor and the timing live in ``_harness`` (shared with ``peers.py`` and
+``fit_throughput.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (  # the benchmark folder is not a package
+    Floor,
+    MemoryMeter,
+    ProjectStep,
+    add_shape_args,
+    build_module,
+    emit,
+    emit_machine,
+    make_batches,
+    measure_peak,
+    pipelined_step_s,
+    setup_torch,
+    sparsity_spec,
+    sync,
+    timed_rounds,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,26 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--through-trainer",
         action="store_true",
-        help="also train through Lightning (runner.build_run) on in-memory activations",
+        help="also train through Lightning (runner.build_run, as the fit command builds it) on "
+        "in-memory activations; fit_throughput.py times the fit command itself",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
     p.add_argument(
         "--kernels",
         action="store_true",
         help="also time the alternatives for the selection and the sparse weight gradient",
-    )
-    p.add_argument(
-        "--trainer-ablation",
-        action="store_true",
-        help="with --through-trainer: also train without each part of the run (progress bar, "
-        "NonFiniteGuard, throughput monitor, per-step metrics, logger), without all, and with "
-        "the per-step parts acting every log_every_n_steps (variant every_n)",
-    )
-    p.add_argument(
-        "--trainer-variants",
-        default=None,
-        help="comma list of the --trainer-ablation variants to run instead of all of them "
-        "(parts, 'all', 'every_n')",
     )
     p.add_argument(
         "--sync-report",
@@ -81,269 +87,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def add_shape_args(p: argparse.ArgumentParser) -> None:
-    """The flags shared with ``peers.py``: shapes, steps, device, dtype, threads."""
-    p.add_argument("--d-in", type=int, default=768)
-    p.add_argument("--n-latents", type=int, default=16384)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=10, help="timed rounds (each: floor + step)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument(
-        "--dead-fraction",
-        type=float,
-        default=0.0,
-        help="fraction of latents held dead, so AuxK does work (0: none, as in a fresh run)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-
-
-# ---- environment, data, timing, memory --------------------------------------------------------
-
-
-def setup_torch(args: argparse.Namespace) -> Any:
-    """Import torch with the requested threads; returns ``(torch, device, dtype)``."""
-    if args.threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    return torch, torch.device(args.device), getattr(torch, DTYPES[args.dtype])
-
-
-def make_batches(args: argparse.Namespace, device: Any, dtype: Any, n: int = 4) -> list[Any]:
-    """``n`` batches of synthetic activations (sparse superposition, known dictionary).
-
-    Every contender of ``peers.py`` draws the same batches from the same seed.
-    """
-    import torch
-
-    from sae_lightning.data.synthetic import SparseGenerativeModel, SyntheticConfig
-
-    cfg = SyntheticConfig(d=args.d_in, n_active=16, batch_size=args.batch)
-    model = SparseGenerativeModel(cfg, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    return [model.sample(args.batch, g).to(device=device, dtype=dtype) for _ in range(n)]
-
-
-def dead_mask(args: argparse.Namespace, device: Any) -> Any:
-    """``(n_latents,)`` bool: the first ``dead_fraction`` of latents, held dead every step."""
-    import torch
-
-    mask = torch.zeros(args.n_latents, dtype=torch.bool, device=device)
-    mask[: int(args.dead_fraction * args.n_latents)] = True
-    return mask
-
-
-def sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_rounds(
-    fns: dict[str, Callable[[], Any]], rounds: int, device: Any
-) -> dict[str, list[float]]:
-    """Run every function once per round, in turn, and return each one's seconds per call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-class MemoryMeter:
-    """Peak memory of a phase, above a baseline taken before anything of a contender exists.
-
-    CPU: the process's peak resident set (``VmHWM``), reset through ``/proc/self/clear_refs``.
-    CUDA: the allocator's ``max_memory_allocated``.
-    """
-
-    def __init__(self, device: Any) -> None:
-        self.device = device
-        self.baseline = self._current()
-
-    def _current(self) -> float:
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2**20
-        return _proc_status_mb("VmRSS")
-
-    def reset(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def peak_mb(self) -> float:
-        import torch
-
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            peak = _proc_status_mb("VmHWM")
-        return peak - self.baseline
-
-
-def _proc_status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # kB -> MiB
-    raise RuntimeError(f"{key} missing from /proc/self/status (memory needs Linux)")
-
-
-def measure_peak(meter: MemoryMeter, step: Callable[[], Any], device: Any, n: int = 2) -> float:
-    meter.reset()
-    for _ in range(n):
-        step()
-    sync(device)
-    return meter.peak_mb()
-
-
-class Floor:
-    """The encoder product alone: ``addmm(b_enc, x, W_enc.T)`` into a preallocated output."""
-
-    def __init__(self, args: argparse.Namespace, x: Any) -> None:
-        import torch
-
-        self.x = x
-        self.w = torch.randn(args.n_latents, args.d_in, device=x.device, dtype=x.dtype)
-        self.b = torch.zeros(args.n_latents, device=x.device, dtype=x.dtype)
-        self.out = torch.empty(args.batch, args.n_latents, device=x.device, dtype=x.dtype)
-
-    def __call__(self) -> None:
-        import torch
-
-        torch.addmm(self.b, self.x, self.w.t(), out=self.out)
-
-
-# ---- the project's step -----------------------------------------------------------------------
-
-
-def sparsity_spec(args: argparse.Namespace) -> dict[str, Any]:
-    if args.plugin in ("topk", "batchtopk"):
-        return {"name": args.plugin, "k": args.k}
-    return {"name": args.plugin}
-
-
-def build_module(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
-    from sae_lightning.module import SAEModule
-
-    module = SAEModule(
-        args.d_in,
-        args.n_latents,
-        {"name": "linear"},
-        {"name": "linear"},
-        sparsity_spec(args),
-        optimizer={"lr": args.lr},
-    )
-    return module.to(device=device, dtype=dtype)
-
-
-class ProjectStep:
-    """``SAEModule.compute_step`` (what ``training_step`` runs before logging) + backward +
-    the optimizer hooks, called directly (no Lightning).
-
-    The optimizer is the one ``SAEModule.configure_optimizers`` builds: Adam, fused where the
-    device supports it. ``fused`` selects the sparse TopK path or the dense reference path.
-    """
-
-    def __init__(
-        self, args: argparse.Namespace, batches: list[Any], *, fused: bool, compile: bool = False
-    ) -> None:
-        import torch
-
-        self.batches = batches
-        self.device = batches[0].device
-        self.module = build_module(args, self.device, batches[0].dtype)
-        self.sae = self.module.sae
-        self.sae.fused = fused
-        cfg = self.module.optimizer_config
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(
-            params,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            fused=self.device.type in ("cpu", "cuda"),
-        )
-        self.dead = dead_mask(args, self.device)
-        self.t = 0
-        self.losses = torch.compile(self._losses) if compile else self._losses
-
-    def _losses(self, x: Any) -> Any:
-        # The module's own step: forward, loss terms, metrics and dead-latent counters.
-        return self.module.compute_step(x, step=self.t).loss
-
-    def __call__(self) -> Any:
-        x = self.batches[self.t % len(self.batches)]
-        if self.dead.any():  # hold the chosen latents dead, so that AuxK has work
-            self.module.tokens_since_fired.masked_fill_(self.dead, 2**40)
-        loss = self.losses(x)
-        loss.backward()
-        self.sae.before_optimizer_step()
-        self.optimizer.step()
-        self.sae.after_optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.t += 1
-        return loss
-
-
 # ---- through Lightning ------------------------------------------------------------------------
-
-
-TRAINER_PARTS = ("progress_bar", "nonfinite_guard", "throughput_monitor", "step_metrics", "logger")
-"""What ``--trainer-ablation`` removes from the fit command's run, one at a time, then all."""
-
-EVERY_N = "every_n"
-"""The ``--trainer-ablation`` variant that keeps every part but lets the per-step ones act only
-every ``trainer.log_every_n_steps`` steps (the changes docs/performance.md proposes): the
-progress bar refreshes, ``NonFiniteGuard`` checks, ``ThroughputMonitor`` and the module's
-``log_metrics`` log on those steps only."""
 
 
 def trainer_tokens_per_s(
     args: argparse.Namespace,
     batches: list[Any],
-    without: tuple[str, ...] = (),
     sync_report: bool = False,
-    every_n: bool = False,
 ) -> float:
     """Train through ``runner.build_run`` (as ``sae-lightning fit`` does) on in-memory batches.
 
-    The run has the fit command's callbacks, TensorBoard logger and progress bar; validation and
-    periodic checkpoints are pushed past the timed window. Tokens/s is measured between the end
+    The run is the fit command's, unchanged (callbacks, TensorBoard logger, progress bar) but
+    for the data, in memory, so that only the training loop is timed; validation and periodic
+    checkpoints are pushed past the timed window. Tokens/s is measured between the end
     of step ``warmup`` and the end of the last step, waiting for the device only at those two
     points, so that a trainer whose host work overlaps the device's is not serialised by the
     measurement.
 
     Args:
-        without: parts of the run to remove (:data:`TRAINER_PARTS`), to find what costs time.
         sync_report: on CUDA, print every host-device synchronisation of two steps.
-        every_n: emulate the :data:`EVERY_N` changes (patched at run time, for measurement).
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ProgressBar
     from torch.utils.data import DataLoader, IterableDataset
 
-    from sae_lightning.callbacks import NonFiniteGuard
-    from sae_lightning.callbacks.throughput import ThroughputMonitor
     from sae_lightning.config import RecipeConfig
     from sae_lightning.runner import build_run
 
@@ -377,11 +143,6 @@ def trainer_tokens_per_s(
                 sync(device)
                 self.stamps.append(time.perf_counter())
 
-    removed = {
-        "progress_bar": ProgressBar,
-        "nonfinite_guard": NonFiniteGuard,
-        "throughput_monitor": ThroughputMonitor,
-    }
     with tempfile.TemporaryDirectory() as tmp:
         recipe = RecipeConfig.model_validate(
             {
@@ -403,18 +164,11 @@ def trainer_tokens_per_s(
                     "precision": {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true"}[
                         args.dtype
                     ],
-                    **({"enable_progress_bar": False} if "progress_bar" in without else {}),
                 },
                 "checkpoint": {"every_n_steps": total + 1},
             }
         )
-        run = build_run(recipe, log="logger" not in without)
-        drop = tuple(cls for part, cls in removed.items() if part in without)
-        run.trainer.callbacks[:] = [c for c in run.trainer.callbacks if not isinstance(c, drop)]
-        if "step_metrics" in without:  # the module's per-step self.log calls
-            run.module.log_metrics = lambda *a, **k: None  # type: ignore[method-assign]
-        if every_n:
-            act_every_n_steps(run)
+        run = build_run(recipe)
         clock = Clock()
         run.trainer.callbacks.append(clock)
         run.trainer.fit(run.module, datamodule=InMemory())
@@ -422,60 +176,6 @@ def trainer_tokens_per_s(
         clock.report.emit("trainer")
     first, last = clock.stamps
     return args.batch * args.steps / (last - first)
-
-
-def act_every_n_steps(run: Any) -> None:
-    """Patch ``run`` so that its per-step parts act every ``log_every_n_steps`` (measurement
-    only; see :data:`EVERY_N`). Uses private attributes of the callbacks it patches."""
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    from sae_lightning.callbacks import NonFiniteGuard
-    from sae_lightning.callbacks.throughput import ThroughputMonitor, batch_sizes
-
-    trainer, module = run.trainer, run.module
-    every = trainer.log_every_n_steps
-
-    def logging_step() -> bool:  # Lightning's should_update_logs, seen from training_step
-        return (trainer.global_step + 1) % every == 0
-
-    log_metrics = module.log_metrics
-    module.log_metrics = lambda *a, **k: log_metrics(*a, **k) if logging_step() else None
-    for callback in trainer.callbacks:
-        if isinstance(callback, RichProgressBar):
-            callback._refresh_rate = every
-        elif isinstance(callback, NonFiniteGuard):
-            callback.every_n_steps = every
-        elif isinstance(callback, ThroughputMonitor):
-            on_end = callback.on_train_batch_end
-
-            def throughput(
-                tr: Any,
-                pm: Any,
-                out: Any,
-                batch: Any,
-                i: int,
-                cb: Any = callback,
-                on_end: Any = on_end,
-            ) -> None:
-                if tr.global_step % every == 0:
-                    on_end(tr, pm, out, batch, i)
-                else:  # keep the time stamp, skip the two self.log calls
-                    tokens, samples = batch_sizes(batch)
-                    cb._ends.append((time.perf_counter(), tokens, samples))
-
-            callback.on_train_batch_end = throughput  # type: ignore[method-assign]
-
-
-def pipelined_step_s(step: Callable[[], Any], steps: int, device: Any) -> float:
-    """Seconds per bare step, ``steps`` back to back, waiting for the device only at the end
-    (as the trainer is timed), after one untimed step."""
-    step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
 
 
 class SyncReport:
@@ -666,13 +366,10 @@ def kernel_timings(args: argparse.Namespace, x: Any, rounds: int) -> dict[str, f
 # ---- main -------------------------------------------------------------------------------------
 
 
-def emit(key: str, value: Any) -> None:
-    print(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch, device, dtype = setup_torch(args)
+    emit_machine(device)
     emit("device", device.type)
     emit("threads", torch.get_num_threads())
     emit("dtype", args.dtype)
@@ -735,17 +432,6 @@ def main(argv: list[str] | None = None) -> int:
         emit("bare_tokens_per_s_after", args.batch / after_s)
         emit("trainer_tokens_per_s", trainer)
         emit("trainer_ratio_to_bare", trainer / bare)
-        variants = [*TRAINER_PARTS, "all", EVERY_N] if args.trainer_ablation else []
-        if args.trainer_variants:
-            variants = args.trainer_variants.split(",")
-        for variant in variants:
-            if variant == EVERY_N:
-                tokens = trainer_tokens_per_s(args, batches, every_n=True)
-                emit(f"trainer_{EVERY_N}_ratio_to_bare", tokens / bare)
-                continue
-            without = TRAINER_PARTS if variant == "all" else (variant,)
-            tokens = trainer_tokens_per_s(args, batches, without)
-            emit(f"trainer_without_{variant}_ratio_to_bare", tokens / bare)
     if args.kernels:  # last: its big temporaries must not disturb the timings above
         for name, seconds in kernel_timings(args, batches[0], args.steps).items():
             emit(f"kernel_{name}_s", seconds)
