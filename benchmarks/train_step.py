@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # the benchmark folder is not a package
+    PRECISIONS,
     Floor,
     MemoryMeter,
     ProjectStep,
@@ -161,9 +162,7 @@ def trainer_tokens_per_s(
                     "accelerator": "gpu" if device.type == "cuda" else "cpu",
                     "val_check_interval": total + 1,
                     "limit_val_batches": 0,
-                    "precision": {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true"}[
-                        args.dtype
-                    ],
+                    "precision": PRECISIONS[args.dtype],
                 },
                 "checkpoint": {"every_n_steps": total + 1},
             }

@@ -7,6 +7,7 @@ imports ``_harness``.
 from _harness.machine import describe_machine, emit_machine
 from _harness.step import (
     DTYPES,
+    PRECISIONS,
     Floor,
     ProjectStep,
     add_shape_args,
@@ -27,6 +28,7 @@ from _harness.timing import (
 
 __all__ = [
     "DTYPES",
+    "PRECISIONS",
     "Floor",
     "MemoryMeter",
     "ProjectStep",

@@ -14,6 +14,8 @@ import os
 from typing import Any
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISIONS = {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true"}
+"""``trainer.precision`` that trains in ``--dtype`` as the bare step does (weights included)."""
 
 
 def add_shape_args(p: argparse.ArgumentParser) -> None:
