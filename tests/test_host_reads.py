@@ -29,7 +29,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 STEPS, LOG_EVERY = 20, 10
 LOGGING_STEPS = {LOG_EVERY - 1, 2 * LOG_EVERY - 1}  # 0-based steps whose metrics are logged
 MAX_READS_ON_A_LOGGING_STEP = 20
-"""Reads allowed on a logging step (16 to 18 here): the TensorBoard logger's ``.item()`` of each
+"""Reads allowed on a logging step (15 to 17 here): the TensorBoard logger's ``.item()`` of each
 of the 9 values logged, 3 for the progress bar, 1 for the NonFiniteGuard's check, 1 or 2 for the
 checkpoint (every 10 steps here, on the logging steps), and the sparsity plugin's own."""
 
