@@ -12,7 +12,8 @@ import lightning.pytorch as pl
 
 
 def logs_step(trainer: pl.Trainer, step: int) -> bool:
-    """Whether Lightning writes the metrics of training step ``step`` to the logger.
+    """Whether training step ``step`` logs: Lightning writes its metrics to the logger, or it is
+    the run's last step (whose metrics ``metrics.json`` reports).
 
     Args:
         trainer: the running trainer.
@@ -20,4 +21,5 @@ def logs_step(trainer: pl.Trainer, step: int) -> bool:
             ``on_before_optimizer_step``, ``trainer.global_step - 1`` in ``on_train_batch_end``.
     """
     every = trainer.log_every_n_steps
-    return every > 0 and (step + 1) % every == 0
+    last = 0 < trainer.max_steps <= step + 1
+    return last or (every > 0 and (step + 1) % every == 0)

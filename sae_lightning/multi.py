@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from sae_lightning.cadence import logs_step
 from sae_lightning.config import RecipeConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import export_sae
@@ -95,14 +96,16 @@ class MultiSAEModule(pl.LightningModule):
     def training_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> dict[str, Any]:
         x = as_tensor(batch)
         losses, terms = [], {}
+        log = logs_step(self.trainer, self.global_step)  # see SAEModule.log_metrics
         for name, member in self.saes.items():
             out = member.compute_step(x, step=self.global_step)
-            for key, value in out.metrics.items():
+            for key, value in out.metrics.items() if log else ():
                 self.log(f"{name}/{key}", value)
             losses.append(out.loss)
             terms.update({f"{name}/{k}": v.detach() for k, v in out.terms.items()})
         loss = torch.stack(losses).sum()
-        self.log("train/loss_sum", loss.detach(), prog_bar=True)
+        if log:  # the progress bar shows it as logged
+            self.log("train/loss_sum", loss.detach())
         return {"loss": loss, "terms": terms}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
