@@ -17,8 +17,8 @@ from sae_lightning.components.base import Codes, Encoder
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_neural_operator.architectures.common import (
-    INIT_FROM_ENCODER,
     FunctionDecoder,
+    FunctionDecoderConfig,
     FunctionEncoder,
     Modes,
     channel_vector,
@@ -107,7 +107,7 @@ class CNNEncoder(FunctionEncoder):
         return pre + channel_vector(self.b_enc, pre)
 
 
-class CNNDecoderConfig(PluginConfig):
+class CNNDecoderConfig(FunctionDecoderConfig):
     kernel_size: Modes | None = Field(
         None,
         description="kernel size per grid axis, in grid points; default: the encoder's",
@@ -116,7 +116,6 @@ class CNNDecoderConfig(PluginConfig):
         True,
         description="rescale every kernel to unit Euclidean norm after each optimizer step",
     )
-    init_from_encoder: bool = INIT_FROM_ENCODER
 
 
 class CNNDecoder(FunctionDecoder):

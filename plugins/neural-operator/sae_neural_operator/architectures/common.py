@@ -109,18 +109,6 @@ def lifting_width(requested: int | None, minimum: int, inherited: int | None = N
     return width
 
 
-UNIT_NORM = Field(
-    True,
-    description="rescale every concept function to unit L2 norm after each optimizer step "
-    "(removes the code/atom scale ambiguity)",
-)
-INIT_FROM_ENCODER = Field(
-    True,
-    description="start from the encoder's matched filters (transposed, conjugated), "
-    "normalised, when the encoder has the same shape",
-)
-
-
 # ---- encoders --------------------------------------------------------------------------------
 
 
@@ -151,12 +139,17 @@ def unit_functions(n: int, grid: tuple[int, ...], channels: int) -> Tensor:
 class FlatFunctionEncoder(FunctionEncoder):
     """Vector codes on the flattened training grid: ``pre = w W_enc lift(vec(u)) + b_enc``.
 
-    Subclasses set ``grid``, ``W_enc`` ``(p, width of lift)`` and ``b_enc`` ``(p,)``.
+    The base sets ``grid`` (the config's) and ``flat_dim`` ``m = C |N|``; subclasses set
+    ``W_enc`` ``(p, width of lift)`` and ``b_enc`` ``(p,)``.
     """
 
-    grid: tuple[int, ...]
     W_enc: nn.Parameter
     b_enc: nn.Parameter
+
+    def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
+        super().__init__(config, d_in=d_in, d_sae=d_sae)
+        self.grid: tuple[int, ...] = tuple(config.grid)
+        self.flat_dim = d_in * math.prod(self.grid)
 
     def forward(self, u: Tensor) -> Tensor:
         who = f"{self.kind} encoder"
@@ -168,18 +161,36 @@ class FlatFunctionEncoder(FunctionEncoder):
 # ---- decoders --------------------------------------------------------------------------------
 
 
+class FunctionDecoderConfig(PluginConfig):
+    """The settings every function decoder has; each decoder's config extends it."""
+
+    unit_norm: bool = Field(
+        True,
+        description="rescale every concept function to unit L2 norm after each optimizer step "
+        "(removes the code/atom scale ambiguity)",
+    )
+    init_from_encoder: bool = Field(
+        True,
+        description="start from the encoder's matched filters (transposed, conjugated), "
+        "normalised, when the encoder has the same shape",
+    )
+
+
 class FunctionDecoder(Decoder):
     """Base of the function decoders: concept functions, a per-channel bias, unit-norm atoms.
 
     ``kind`` is the registered name, for messages. Subclasses give :meth:`atom_norms` and
     :meth:`_scale_atoms_`; the base rescales the concepts to unit norm after every optimizer
-    step when the config's ``unit_norm`` is set (every function decoder config has it).
+    step when the config's ``unit_norm`` is set.
     """
 
+    config: FunctionDecoderConfig
     convolutional: ClassVar[bool] = False
     kind: ClassVar[str] = "function"
 
-    def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
+    def __init__(
+        self, config: FunctionDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
+    ) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
@@ -241,10 +252,16 @@ class FlatFunctionDecoder(FunctionDecoder):
     """Vector codes, concepts stored flattened on the training grid: ``atoms()`` row ``j`` is
     ``vec(d_j)`` ``(C |N|)``, and the concepts exist only at that grid.
 
-    Subclasses set ``grid`` and give :meth:`_decode_flat`.
+    The base sets ``grid`` (the config's, else the encoder's) and ``flat_dim`` ``m = C |N|``;
+    subclasses give :meth:`_decode_flat`.
     """
 
-    grid: tuple[int, ...]
+    def __init__(
+        self, config: FunctionDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
+    ) -> None:
+        super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
+        self.grid = encoder_grid(config.grid, encoder)
+        self.flat_dim = d_in * math.prod(self.grid)
 
     def _decode_flat(self, codes: Codes) -> Tensor:  # pragma: no cover - protocol
         """``(B, C |N|)`` flattened dictionary term of vector codes."""

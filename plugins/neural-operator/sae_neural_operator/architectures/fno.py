@@ -13,9 +13,8 @@ from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.functional import quadrature_weight
 from sae_neural_operator.architectures.common import (
-    INIT_FROM_ENCODER,
-    UNIT_NORM,
     FunctionDecoder,
+    FunctionDecoderConfig,
     FunctionEncoder,
     Grid,
     Modes,
@@ -113,7 +112,7 @@ class FNOEncoder(FunctionEncoder):
         return pre + channel_vector(self.b_enc, pre)
 
 
-class FNODecoderConfig(PluginConfig):
+class FNODecoderConfig(FunctionDecoderConfig):
     modes: Modes | None = Field(
         None, description="Fourier modes kept per grid axis (|k| < M); default: the encoder's"
     )
@@ -122,8 +121,6 @@ class FNODecoderConfig(PluginConfig):
         description="instead of modes: keep every mode of this grid (a circular convolution "
         "there); default: the encoder's",
     )
-    unit_norm: bool = UNIT_NORM
-    init_from_encoder: bool = INIT_FROM_ENCODER
 
 
 def _decoder_spectral(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -11,12 +9,10 @@ from torch import Tensor, nn
 from sae_lightning.components.base import Codes, Encoder
 from sae_lightning.config import PluginConfig
 from sae_neural_operator.architectures.common import (
-    INIT_FROM_ENCODER,
-    UNIT_NORM,
     FlatFunctionDecoder,
     FlatFunctionEncoder,
+    FunctionDecoderConfig,
     Grid,
-    encoder_grid,
     lifting_width,
     orthonormal_lifting,
     transposed_lifting,
@@ -53,10 +49,8 @@ class LiftedEncoder(FlatFunctionEncoder):
 
     def __init__(self, config: LiftedEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
-        self.grid = tuple(config.grid)
-        m = d_in * math.prod(self.grid)
-        self.lifting_width = lifting_width(config.lifting_width, m)
-        p_mat = orthonormal_lifting(self.lifting_width, m)  # (h, m)
+        self.lifting_width = lifting_width(config.lifting_width, self.flat_dim)
+        p_mat = orthonormal_lifting(self.lifting_width, self.flat_dim)  # (h, m)
         e = unit_functions(d_sae, self.grid, d_in)
         self.P = nn.Parameter(p_mat)
         self.W_enc = nn.Parameter(e @ p_mat.t())  # (p, h)
@@ -70,7 +64,7 @@ class LiftedEncoder(FlatFunctionEncoder):
         return x @ self.P.t()  # (B, h)
 
 
-class LiftedDecoderConfig(PluginConfig):
+class LiftedDecoderConfig(FunctionDecoderConfig):
     grid: Grid | None = Field(
         None, description="the training grid, e.g. [64]; default: the encoder's grid"
     )
@@ -79,8 +73,6 @@ class LiftedDecoderConfig(PluginConfig):
         ge=1,
         description="h (>= m = d_in * prod(grid)); default: the encoder's, else 2 m",
     )
-    unit_norm: bool = UNIT_NORM
-    init_from_encoder: bool = INIT_FROM_ENCODER
 
 
 class LiftedDecoder(FlatFunctionDecoder):
@@ -100,8 +92,7 @@ class LiftedDecoder(FlatFunctionDecoder):
         self, config: LiftedDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
     ) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
-        self.grid = encoder_grid(config.grid, encoder)
-        m = d_in * math.prod(self.grid)
+        m = self.flat_dim
         h = lifting_width(config.lifting_width, m, getattr(encoder, "lifting_width", None))
         self.lifting_width = h
         q = transposed_lifting(encoder, h, m) if config.init_from_encoder else None

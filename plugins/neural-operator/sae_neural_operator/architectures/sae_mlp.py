@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -11,12 +9,10 @@ from torch import Tensor, nn
 from sae_lightning.components.base import Codes, Decoder, Encoder
 from sae_lightning.config import PluginConfig
 from sae_neural_operator.architectures.common import (
-    INIT_FROM_ENCODER,
-    UNIT_NORM,
     FlatFunctionDecoder,
     FlatFunctionEncoder,
+    FunctionDecoderConfig,
     Grid,
-    encoder_grid,
     scale_rows_,
     unit_functions,
 )
@@ -44,19 +40,16 @@ class MLPFunctionEncoder(FlatFunctionEncoder):
 
     def __init__(self, config: MLPFunctionEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
-        self.grid = tuple(config.grid)
         self.W_enc = nn.Parameter(unit_functions(d_sae, self.grid, d_in))  # (p, C |N|)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
 
 
-class MLPFunctionDecoderConfig(PluginConfig):
+class MLPFunctionDecoderConfig(FunctionDecoderConfig):
     grid: Grid | None = Field(
         None,
         description="the training grid the flattened atoms live on, e.g. [64]; default: the "
         "encoder's grid",
     )
-    unit_norm: bool = UNIT_NORM
-    init_from_encoder: bool = INIT_FROM_ENCODER
 
 
 class MLPFunctionDecoder(FlatFunctionDecoder):
@@ -74,13 +67,12 @@ class MLPFunctionDecoder(FlatFunctionDecoder):
         self, config: MLPFunctionDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
     ) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
-        self.grid = encoder_grid(config.grid, encoder)
-        m = d_in * math.prod(self.grid)
+        shape = (d_sae, self.flat_dim)
         w_enc = getattr(encoder, "W_enc", None)
-        if config.init_from_encoder and isinstance(w_enc, Tensor) and w_enc.shape == (d_sae, m):
+        if config.init_from_encoder and isinstance(w_enc, Tensor) and w_enc.shape == shape:
             w = w_enc.detach().clone()
         else:
-            w = torch.randn(d_sae, m)
+            w = torch.randn(shape)
         self.W_dec = nn.Parameter(w)  # (p, C |N|): vec(d_j) per row
         self._normalise()
 
