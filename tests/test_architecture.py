@@ -193,11 +193,11 @@ def cycle_report(edges: list[Import]) -> list[str]:
             if e.source in members and e.target in members:
                 where.setdefault((e.source, e.target), set()).add(e.line)
         inside = [
-            f"{a} -> {b} (line {', '.join(map(str, sorted(n)))})"
+            f"    {a} -> {b} (line {', '.join(map(str, sorted(n)))})"
             for (a, b), n in sorted(where.items())
         ]
         cycle = " -> ".join(shortest_cycle(graph, component[0]))
-        lines.append(f"cycle {cycle}; imports inside it: " + "; ".join(inside))
+        lines.append("\n".join([f"cycle {cycle}; the imports inside it:", *inside]))
     return lines
 
 
@@ -227,27 +227,23 @@ def long_modules(paths: list[Path], limit: int) -> list[str]:
 # ---- the package diagram --------------------------------------------------------------------
 
 
-def is_package(module: str) -> bool:
-    return (ROOT / Path(*module.split(".")) / "__init__.py").is_file()
-
-
-def part(module: str, base: set[str]) -> str:
-    """The diagram node of a module: its subpackage of ``sae_lightning``; for a module directly
-    in ``sae_lightning``, ``base`` when it is in ``base``, else ``core``."""
+def part(module: str, modules: dict[str, Path], base: set[str]) -> str:
+    """The diagram node of a module: its subpackage (``data`` for ``sae_lightning.data.cache``);
+    for a module directly in the package, ``base`` when it is in ``base``, else ``core``."""
     parts = module.split(".")
-    if len(parts) > 2 or (len(parts) == 2 and is_package(module)):
+    if len(parts) > 2 or (len(parts) == 2 and modules[module].name == "__init__.py"):
         return parts[1]
     return "base" if module in base else "core"
 
 
 def base_modules(modules: dict[str, Path], edges: list[Import]) -> set[str]:
-    """The modules directly in ``sae_lightning`` whose imports, followed transitively, never
-    leave the modules directly in ``sae_lightning``: the leaves every part may use."""
+    """The modules directly in the package whose imports, followed transitively, never leave
+    the modules directly in the package: the leaves every part may use."""
     graph = _graph(edges)
-    top = {m for m in modules if part(m, set()) == "core"}
+    top = {m for m in modules if part(m, modules, set()) == "core"}
     reach = {m: set(graph.get(m, ())) for m in top}
     changed = True
-    while changed:  # transitive closure, restricted to what top-level modules reach
+    while changed:  # transitive closure of what the top-level modules import
         changed = False
         for m in top:
             extra = set().union(*(reach.get(t, set()) for t in reach[m])) - reach[m]
@@ -257,26 +253,23 @@ def base_modules(modules: dict[str, Path], edges: list[Import]) -> set[str]:
     return {m for m in top if reach[m] <= top}
 
 
-def package_edges(edges: list[Import], base: set[str]) -> set[tuple[str, str]]:
-    """``(a, b)`` when a module of part ``a`` imports one of part ``b``."""
-    pairs = {(part(e.source, base), part(e.target, base)) for e in edges}
-    return {(a, b) for a, b in pairs if a != b}
-
-
-def mermaid(edges: set[tuple[str, str]], nodes: set[str]) -> str:
-    """The diagram as a Mermaid flowchart, one line per edge, sorted (stable to regenerate)."""
+def package_diagram(modules: dict[str, Path]) -> str:
+    """The imports between the parts of a package as a Mermaid flowchart: a line per node
+    without edges, then a line per edge, sorted so that a rewrite changes only what changed."""
+    edges = imports(modules)
+    base = base_modules(modules, edges)
+    root = min(modules, key=len)
+    nodes = {part(m, modules, base) for m in modules if m != root}
+    pairs = {(part(e.source, modules, base), part(e.target, modules, base)) for e in edges}
+    arrows = sorted((a, b) for a, b in pairs if a != b)
     lines = ["```mermaid", "flowchart TD"]
-    lines += [f"    {n}" for n in sorted(nodes - {x for e in edges for x in e})]
-    lines += [f"    {a} --> {b}" for a, b in sorted(edges)]
+    lines += [f"    {n}" for n in sorted(nodes - {x for arrow in arrows for x in arrow})]
+    lines += [f"    {a} --> {b}" for a, b in arrows]
     return "\n".join([*lines, "```"])
 
 
 def diagram() -> str:
-    modules = module_files(ROOT / PACKAGE)
-    edges = imports(modules)
-    base = base_modules(modules, edges)
-    nodes = {part(m, base) for m in modules if m != PACKAGE}
-    return mermaid(package_edges(edges, base), nodes)
+    return package_diagram(module_files(ROOT / PACKAGE))
 
 
 def _diagram_span(text: str) -> tuple[int, int]:
@@ -357,8 +350,36 @@ def test_the_cycle_check_counts_deferred_and_relative_imports_not_type_checking(
     report = cycle_report(edges)
     assert len(report) == 1  # a, b, c and d form one strongly connected component
     assert report[0].startswith("cycle pkg.a -> pkg.b -> pkg.a;")
-    assert "pkg.b -> pkg.a (line 2)" in report[0]
-    assert "pkg.sub.d -> pkg.a (line 1)" in report[0]
+    assert "\n    pkg.b -> pkg.a (line 2)" in report[0]
+    assert "\n    pkg.sub.d -> pkg.a (line 1)" in report[0]
+
+
+def test_the_diagram_shows_parts_and_the_direction_of_their_imports(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/errors.py": "",
+            "pkg/config.py": "from pkg.errors import E\n",
+            "pkg/runner.py": "from pkg.data.stream import S\nfrom pkg import config\n",
+            "pkg/data/__init__.py": "",
+            "pkg/data/stream.py": "from pkg.errors import E\n",
+            "pkg/data/cli.py": "def main():\n    from pkg.runner import run\n",
+            "pkg/kernels/__init__.py": "",
+        },
+    )
+    modules = module_files(tmp_path / "pkg")
+    assert base_modules(modules, imports(modules)) == {"pkg", "pkg.errors", "pkg.config"}
+    assert package_diagram(modules).splitlines() == [
+        "```mermaid",
+        "flowchart TD",
+        "    kernels",
+        "    core --> base",
+        "    core --> data",
+        "    data --> base",
+        "    data --> core",
+        "```",
+    ]
 
 
 def test_the_size_checks_count_from_def_to_the_last_line(tmp_path: Path) -> None:
