@@ -95,7 +95,7 @@ def _known(name: str, modules: dict[str, Path]) -> str | None:
 
 
 def imports(modules: dict[str, Path]) -> list[Import]:
-    """Every import-time import between two modules of ``modules``."""
+    """Every counted import (see the module docstring) between two modules of ``modules``."""
     edges: list[Import] = []
     for module, path in modules.items():
         is_package = path.name == "__init__.py"

@@ -16,9 +16,9 @@ Encoders map ``(B, C, *grid)`` functions to pre-activations of two kinds:
 * concept maps ``(B, p, *grid)`` (``fno``, ``lifted_fno``, ``cnn``): one function ``z_j`` per
   concept, saying where and how strongly concept ``j`` is expressed.
 
-All encoders set ``functional = True`` and ``center_input = False`` and have no ``weight()`` (so
-the core never takes its fused linear path). Input centring by ``b_dec`` is omitted: ``b_dec`` is a
-constant per channel and the encoder bias absorbs its effect.
+All encoders set ``functional = True`` and ``center_input = False`` and declare no linear
+encoder matrix (so the core never takes its fused linear path). Input centring by ``b_dec`` is
+omitted: ``b_dec`` is a constant per channel and the encoder bias absorbs its effect.
 
 Decoders map codes to reconstructed functions ``(B, C, *grid)``. Every decoder has a bias
 ``b_dec`` of shape ``(C,)``, a constant function per channel (the same at every resolution), and

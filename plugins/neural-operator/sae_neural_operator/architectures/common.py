@@ -123,9 +123,6 @@ class FunctionEncoder(Encoder):
     center_input = False
     kind: ClassVar[str] = "function"
 
-    def weight(self) -> Tensor | None:
-        return None
-
     def _lift(self, x: Tensor) -> Tensor:
         return x
 
