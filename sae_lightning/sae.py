@@ -107,6 +107,10 @@ class SparseAutoencoder(nn.Module):
 
     def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
+        if self.fused and x.shape[0] > 0:  # an encoder's own encode-and-select, if it has one
+            own = self.encoder.fused_sparsify(x, self.sparsity, step=step, decoder=self.decoder)
+            if own is not None:
+                return own, None
         fused_encode = getattr(self.sparsity, "fused_encode", None)
         if self.fused and fused_encode is not None and x.shape[0] > 0:
             affine = _affine_weights(self.encoder)

@@ -284,14 +284,27 @@ class _SelectedPreActivations(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w, indices = ctx.saved_tensors
-        layout: MaskLayout = ctx.layout
-        e = entries_of(indices, grad.contiguous())
-        gx = sparse_apply_at(e, w, layout, x.shape[0]) if ctx.needs_input_grad[0] else None
-        gw = sparse_sddmm(e, x, layout) if ctx.needs_input_grad[1] else None
-        gb = None
-        if ctx.needs_input_grad[2]:
-            gb = grad.new_zeros(layout.d_sae).index_add_(0, e.latent, e.value)
-        return gx, gw, gb, None, None
+        grads = selected_backward(ctx.needs_input_grad[:3], x, w, indices, grad, ctx.layout)
+        return (*grads, None, None)
+
+
+def selected_backward(
+    needs: tuple[bool, ...], x: Tensor, w: Tensor, indices: Tensor, grad: Tensor, layout: MaskLayout
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``x``, ``w`` and ``bias`` for ``(x @ Aᵀ + bias).gather(1, indices)``.
+
+    Args:
+        needs: which of the three are wanted.
+        grad: ``(batch, k)`` gradient of the selected values.
+
+    Returns:
+        ``(grad_x, grad_w, grad_bias)``, each None where not wanted; ``O(batch * k * d)``.
+    """
+    e = entries_of(indices, grad.contiguous())
+    gx = sparse_apply_at(e, w, layout, x.shape[0]) if needs[0] else None
+    gw = sparse_sddmm(e, x, layout) if needs[1] else None
+    gb = grad.new_zeros(layout.d_sae).index_add_(0, e.latent, e.value) if needs[2] else None
+    return gx, gw, gb
 
 
 class _MaskedDecodeSparse(torch.autograd.Function):
