@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_expander.kernels import MaskLayout, selected_backward
-from sae_lightning.kernels.topk_encoder import threshold_select, topk_select
+from sae_lightning.kernels.topk_encoder import _BLOCK, threshold_select
 
 WORKSPACE_BYTES = 8 * 2**20
 """Largest block of pre-activations held at once. Rows are also capped so that the transposed
@@ -50,56 +50,102 @@ def block_rows(d_in: int, d_sae: int, element_size: int) -> int:
 def pre_activation_blocks(
     x: Tensor, w: Tensor, bias: Tensor, layout: MaskLayout
 ) -> Iterator[tuple[int, Tensor]]:
-    """``(first row, (rows, d_sae) block of x @ Aᵀ + bias)``, one reused buffer, no autograd.
+    """``(first row, (d_sae, rows) block of (x @ Aᵀ + bias)ᵀ)``, no autograd.
 
-    A yielded block is overwritten by the next one: reduce it before asking for more.
+    Blocks come latent-major, as ``F.embedding_bag`` writes them (a bag per latent): the
+    selections below work in that layout, which saves transposing every block.
     """
     batch = x.shape[0]
     step = block_rows(layout.d_in, layout.d_sae, x.element_size())
     if x.device.type != "cpu":  # the caching allocator recycles; cache locality is a CPU concern
         step = max(step, WORKSPACE_BYTES // max(1, layout.d_sae * x.element_size()))
-    buf = x.new_empty(min(step, batch) * layout.d_sae)
     with torch.no_grad():
         for s in range(0, batch, step):
-            rows = min(step, batch - s)
-            table = x[s : s + rows].t().contiguous()  # (d_in, rows)
+            table = x[s : s + step].t().contiguous()  # (d_in, rows)
             # bag j sums table[rows[j, :]] weighted by w[j, :] -> (d_sae, rows)
-            out_t = F.embedding_bag(layout.rows, table, per_sample_weights=w, mode="sum")
-            block = buf[: rows * layout.d_sae].view(rows, layout.d_sae)
-            block.copy_(out_t.t())
-            yield s, block.add_(bias)
+            block = F.embedding_bag(layout.rows, table, per_sample_weights=w, mode="sum")
+            yield s, block.add_(bias.unsqueeze(1))
+
+
+def topk_columns(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``topk_select(block.t(), k)`` without transposing ``block`` ``(n, rows)``, bit for bit.
+
+    The same narrowing through block maxima as the core's ``topk_select`` (same levels, same
+    candidates in the same order, the same ``torch.topk`` calls on the same values), so the
+    latents picked, ties included, are exactly those the dense path picks; only the storage
+    order differs: level ``i + 1`` is an elementwise max of ``8`` contiguous slabs of level ``i``.
+
+    Returns:
+        ``(values, indices)``, both ``(rows, k)``, unsorted.
+    """
+    rows = block.shape[1]
+    levels = [block]  # levels[i] is (d_sae / 8**i, rows)
+    while (w := levels[-1].shape[0]) % _BLOCK == 0 and w // _BLOCK >= 4 * k:
+        levels.append(levels[-1].view(_BLOCK, w // _BLOCK, rows).amax(dim=0))
+    if len(levels) == 1:  # too narrow to narrow down
+        return block.t().contiguous().topk(k, dim=1, sorted=False)
+    ids = levels[-1].t().contiguous().topk(k, dim=1, sorted=False).indices  # (rows, k)
+    col = torch.arange(rows, device=block.device).unsqueeze(1)
+    for level in range(len(levels) - 2, -1, -1):
+        fine, coarse_width = levels[level], levels[level + 1].shape[0]
+        offsets = torch.arange(0, fine.shape[0], coarse_width, device=block.device)
+        cand = (ids.unsqueeze(2) + offsets).view(rows, k * _BLOCK)  # ids at this level
+        values = fine.view(-1)[cand * rows + col]  # (rows, k * 8)
+        if level > 0:
+            ids = cand.gather(1, values.topk(k, dim=1, sorted=False).indices)
+    top, j = values.topk(k, dim=1, sorted=False)
+    return top, cand.gather(1, j)
 
 
 class _Selected(torch.autograd.Function):
-    """Selected entries of ``x @ Aᵀ + bias``, computed block by block; backward ``O(k d)``.
+    """Selected entries of ``(x - shift) @ Aᵀ + bias``, block by block; backward ``O(k d)``.
 
-    ``forward(x, w, bias, layout, select) -> (values, indices)``: ``select`` maps each block to a
-    :data:`Selection`. Padded slots (``valid`` False) hold 0 and pass no gradient.
+    ``forward(x, shift, w, bias, layout, select) -> (values, indices)``: ``select`` maps each
+    latent-major block to a :data:`Selection`. Padded slots (``valid`` False) hold 0 and pass no
+    gradient. The shift's gradient is ``-(per-latent gradient sums) @ A``, one vector product,
+    so no per-row input gradient is formed unless ``x`` itself requires one.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         x: Tensor,
+        shift: Tensor | None,
         w: Tensor,
         bias: Tensor,
         layout: MaskLayout,
         select: Callable[[Tensor], Selection],
     ) -> tuple[Tensor, Tensor]:
-        parts = [select(block) for _, block in pre_activation_blocks(x, w, bias, layout)]
+        x_enc = (x if shift is None else x - shift).to(w.dtype).contiguous()  # (batch, d_in)
+        parts = [select(block) for _, block in pre_activation_blocks(x_enc, w, bias, layout)]
         values, indices, valid = concat(parts)
-        ctx.save_for_backward(x, w, indices, valid)
+        ctx.save_for_backward(x_enc, w, indices, valid)
         ctx.layout = layout
+        ctx.dtypes = (x.dtype, None if shift is None else shift.dtype)
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, w, indices, valid = ctx.saved_tensors
+        x_enc, w, indices, valid = ctx.saved_tensors
+        x_dtype, shift_dtype = ctx.dtypes
+        layout: MaskLayout = ctx.layout
+        need_x, need_shift, need_w, need_b = ctx.needs_input_grad[:4]
         if valid is not None:
             grad = grad * valid
-        grads = selected_backward(ctx.needs_input_grad[:3], x, w, indices, grad, ctx.layout)
-        return (*grads, None, None)
+        needs = (need_x, need_w, need_b or need_shift)
+        gx, gw, gb = selected_backward(needs, x_enc, w, indices, grad, layout)
+        if gx is not None:
+            gx = gx.to(x_dtype)
+        gshift = None
+        if need_shift:
+            assert gb is not None
+            # -(per-latent sums @ A): each latent's d values scattered to their input rows
+            spread = (gb.unsqueeze(1) * w).reshape(-1)
+            gshift = w.new_zeros(layout.d_in).index_add_(0, layout.rows.reshape(-1), spread)
+            gshift = gshift.neg_().to(shift_dtype)
+        gb = gb if need_b else None
+        return gx, gshift, gw, gb, None, None
 
 
 def concat(parts: list[Selection]) -> Selection:
@@ -118,7 +164,7 @@ def select_topk(k: int) -> Callable[[Tensor], Selection]:
     """Per-row top-k of a block, as the dense ``topk`` and ``signed_topk`` select."""
 
     def select(block: Tensor) -> Selection:
-        values, indices = topk_select(block, k)
+        values, indices = topk_columns(block, k)
         return values, indices, None
 
     return select
@@ -128,29 +174,38 @@ def select_above(threshold: Tensor | float, *, inclusive: bool) -> Callable[[Ten
     """Entries above (or at) ``threshold`` and above zero, padded per block."""
 
     def select(block: Tensor) -> Selection:
-        return threshold_select(block, threshold, inclusive=inclusive, positive=True)
+        return threshold_select(block.t(), threshold, inclusive=inclusive, positive=True)
 
     return select
 
 
 def encode_select(
-    x: Tensor, w: Tensor, bias: Tensor, layout: MaskLayout, select: Callable[[Tensor], Selection]
+    x: Tensor,
+    shift: Tensor | None,
+    w: Tensor,
+    bias: Tensor,
+    layout: MaskLayout,
+    select: Callable[[Tensor], Selection],
 ) -> tuple[Tensor, Tensor]:
-    """``(values, indices)`` of ``select`` applied block by block to ``x @ Aᵀ + bias``.
+    """``(values, indices)`` of ``select`` applied block by block to ``(x - shift) @ Aᵀ + bias``.
 
-    Values carry gradients to ``x``, ``w`` and ``bias`` through the selected entries only.
+    Values carry gradients to ``x``, ``shift``, ``w`` and ``bias`` through the selected entries
+    only.
     """
-    return _Selected.apply(x, w, bias, layout, select)
+    return _Selected.apply(x, shift, w, bias, layout, select)
 
 
 @torch.no_grad()
-def batch_top_values(x: Tensor, w: Tensor, bias: Tensor, layout: MaskLayout, n: int) -> Tensor:
-    """The ``n`` largest entries of ``x @ Aᵀ + bias`` over the whole batch (any order).
+def batch_top_values(
+    x: Tensor, shift: Tensor | None, w: Tensor, bias: Tensor, layout: MaskLayout, n: int
+) -> Tensor:
+    """The ``n`` largest entries of ``(x - shift) @ Aᵀ + bias`` over the batch (any order).
 
     A running top-``n``: each block contributes only its entries at or above the smallest value
     kept so far, so memory stays ``O(n + block)``. The multiset of values is exact (ties
     included), which is all a threshold needs.
     """
+    x = (x if shift is None else x - shift).to(w.dtype).contiguous()
     top = x.new_empty(0)
     for _, block in pre_activation_blocks(x, w, bias, layout):
         flat = block.reshape(-1)

@@ -12,12 +12,14 @@ latents through :class:`AuxSource`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sae_expander.fused import (
+    Selection,
     batch_top_values,
     encode_select,
     select_above,
@@ -42,12 +44,14 @@ if TYPE_CHECKING:
 class AuxSource:
     """The dead latents' top pre-activations of one batch, on demand, for AuxK.
 
-    Holds the encoder's centred input of the forward pass; calling it encodes the dead latents
-    only (``n_dead / d_sae`` of the encoder's work) and keeps each row's largest ``k_aux``.
+    Holds the encoder's input of the forward pass; calling it encodes the dead latents only
+    (``n_dead / d_sae`` of the encoder's work) and keeps each row's largest ``k_aux``.
     """
 
-    def __init__(self, x: Tensor, w: Tensor, bias: Tensor, layout: MaskLayout) -> None:
-        self.x, self.w, self.bias, self.layout = x, w, bias, layout
+    def __init__(
+        self, x: Tensor, shift: Tensor | None, w: Tensor, bias: Tensor, layout: MaskLayout
+    ) -> None:
+        self.x, self.shift, self.w, self.bias, self.layout = x, shift, w, bias, layout
 
     def __call__(self, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
         """``(values, indices)``, both ``(batch, min(k_aux, n_dead))``, indices global.
@@ -58,7 +62,9 @@ class AuxSource:
         empty = ids.new_zeros(0)
         sub = MaskLayout(self.layout.rows[ids], empty, empty, empty, self.layout.d_in)
         k = min(k_aux, ids.numel())
-        values, local = encode_select(self.x, self.w[ids], self.bias[ids], sub, select_topk(k))
+        values, local = encode_select(
+            self.x, self.shift, self.w[ids], self.bias[ids], sub, select_topk(k)
+        )
         return values, ids[local]
 
 
@@ -72,33 +78,36 @@ def fused_sparsify(
     if rule is not SignedTopK and torch.is_grad_enabled() and sparsity.config.aux_coefficient > 0:
         return None  # the core AuxK term needs the dense pre-activations (module docstring)
     w = encoder.normalized_values()
-    x_enc = (x - decoder.b_dec if encoder.center_input else x).to(w.dtype).contiguous()
-    bias, layout, d_sae = encoder.b_enc, encoder.layout, encoder.d_sae
+    shift = decoder.b_dec if encoder.center_input else None
+    inputs = (x, shift, w, encoder.b_enc, encoder.layout)
+    d_sae = encoder.d_sae
     if isinstance(sparsity, SignedTopK):
-        values, indices = encode_select(x_enc, w, bias, layout, select_topk(sparsity.config.k))
-        sparsity.keep_aux_source(
-            AuxSource(x_enc, w, bias, layout) if torch.is_grad_enabled() else None
-        )
+        values, indices = encode_select(*inputs, select_topk(sparsity.config.k))
+        sparsity.keep_aux_source(AuxSource(*inputs) if torch.is_grad_enabled() else None)
         return SparsityOutput(Codes(values, indices, d_sae), {})
     if isinstance(sparsity, TopK):
-        values, indices = encode_select(x_enc, w, bias, layout, select_topk(sparsity.config.k))
+        values, indices = encode_select(*inputs, select_topk(sparsity.config.k))
         return SparsityOutput(Codes(torch.relu(values), indices, d_sae), {})
     assert isinstance(sparsity, BatchTopK)
-    values, indices = _batch_topk(x_enc, w, bias, layout, sparsity)
+    values, indices = encode_select(*inputs, _batch_topk_rule(inputs, sparsity))
     return SparsityOutput(Codes(torch.relu(values), indices, d_sae), {})
 
 
-def _batch_topk(
-    x: Tensor, w: Tensor, bias: Tensor, layout: MaskLayout, sparsity: BatchTopK
-) -> tuple[Tensor, Tensor]:
-    """BatchTopK's rule (``BatchTopK.forward``), in two passes over blocks of rows."""
-    k, batch = sparsity.config.k, x.shape[0]
+Inputs = tuple[Tensor, Tensor | None, Tensor, Tensor, MaskLayout]
+"""``(x, shift, w, bias, layout)``: the encoder computes ``(x - shift) @ Aᵀ + bias``."""
+
+
+def _batch_topk_rule(inputs: Inputs, sparsity: BatchTopK) -> Callable[[Tensor], Selection]:
+    """BatchTopK's selection (``BatchTopK.forward``); training and before a threshold is
+    measured, a first pass over the batch finds the threshold (and updates the running one)."""
     if not sparsity.training and bool(sparsity.threshold >= 0):
-        return encode_select(x, w, bias, layout, select_above(sparsity.threshold, inclusive=False))
+        return select_above(sparsity.threshold, inclusive=False)
+    x, _, _, _, layout = inputs
+    k, batch = sparsity.config.k, x.shape[0]
     world = data_parallel_world_size() if sparsity.training else 1
     n_keep = k * batch * world
-    top = batch_top_values(x, w, bias, layout, min(n_keep, batch * layout.d_sae))
+    top = batch_top_values(*inputs, min(n_keep, batch * layout.d_sae))
     threshold, smallest = batch_threshold(at_least_fp32(torch.relu(top)), n_keep, world)
     if sparsity.training:
         sparsity._update_threshold(smallest)  # the running inference threshold, as forward()
-    return encode_select(x, w, bias, layout, select_above(threshold, inclusive=True))
+    return select_above(threshold, inclusive=True)
