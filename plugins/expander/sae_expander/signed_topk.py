@@ -53,21 +53,15 @@ def selected(pre_acts: Tensor, indices: Tensor, decoder: Decoder) -> Tensor:
     return pre_acts.gather(1, indices)
 
 
-_AUX_CHUNK_ELEMENTS = 1 << 22
-"""AuxK masks the pre-activations in row chunks of about this many elements, so its memory does
-not grow with the batch."""
-
-
 def _dead_topk(pre: Tensor, dead: Tensor, k: int) -> Tensor:
-    """``(batch, k)`` ids of the ``k`` largest pre-activations among dead latents, per row."""
-    step = max(1, _AUX_CHUNK_ELEMENTS // max(pre.shape[1], 1))
-    alive = ~dead
-    return torch.cat(
-        [
-            pre[s : s + step].masked_fill(alive, -torch.inf).topk(k, dim=1, sorted=False).indices
-            for s in range(0, pre.shape[0], step)
-        ]
-    )
+    """``(batch, min(k, n_dead))`` ids of the largest pre-activations among dead latents.
+
+    ``topk_select`` over the dead latents' columns, in latent order: the selection the fused
+    path's :class:`~sae_expander.sparsify.AuxSource` makes, ties included.
+    """
+    ids = dead.nonzero().squeeze(1)  # (n_dead,)
+    local = topk_select(pre.index_select(1, ids), min(k, ids.numel()))[1]
+    return ids[local]
 
 
 class SignedTopK(SparsityFn):
@@ -114,9 +108,8 @@ class SignedTopK(SparsityFn):
             return {"auxk": residual.new_zeros(())}
         k_aux = min(self.k_aux, self.d_sae)
         if pre_acts is not None:
-            indices = _dead_topk(pre_acts.detach(), dead, k_aux)  # (batch, k_aux)
-            real = dead[indices]  # False where a row had fewer than k_aux dead latents
-            values = torch.where(real, selected(pre_acts, indices, decoder), 0.0)
+            indices = _dead_topk(pre_acts.detach(), dead, k_aux)  # (batch, min(k_aux, n_dead))
+            values = selected(pre_acts, indices, decoder)
         elif source is not None:
             values, indices = source(dead, k_aux)  # (batch, min(k_aux, n_dead))
         else:
