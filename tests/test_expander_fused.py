@@ -132,12 +132,15 @@ def test_core_topk_with_auxk_trains_on_the_dense_path() -> None:
 
 
 def test_encode_select_gradcheck() -> None:
-    sae = tied_sae(SPECS["topk"], torch.float64, 0)
+    d_in, d_sae = 12, 32
+    sae = SparseAutoencoder(
+        d_in, d_sae, {"name": "expander", "d": 3}, {"name": "expander"}, {"name": "relu"}
+    )
     layout = sae.encoder.layout
-    x = torch.randn(7, D_IN, dtype=torch.float64, requires_grad=True)
-    shift = torch.randn(D_IN, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(D_SAE, D, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(D_SAE, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, d_in, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(d_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_sae, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_sae, dtype=torch.float64, requires_grad=True)
     for select in (select_topk(K), select_above(0.5, inclusive=True)):
 
         def values(x, shift, w, b, select=select):
@@ -163,7 +166,7 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("sparsity", list(SPECS))
 def test_fused_step_never_holds_batch_by_d_sae(sparsity: str) -> None:
-    batch = 256
+    batch = 128
     sae = tied_sae(SPECS[sparsity], torch.float32, 0)
     x = torch.randn(batch, D_IN)
     dead = torch.rand(D_SAE) < 0.4
