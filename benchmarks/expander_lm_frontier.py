@@ -19,7 +19,8 @@ batch end, median after 5 warm-up steps.
     sae-lightning models prepare smollm2                      # once
     python benchmarks/expander_lm_frontier.py                 # cache (once), train, evaluate, doc
     python benchmarks/expander_lm_frontier.py --cache-only    # only the harvest
-    python benchmarks/expander_lm_frontier.py --steps 20 --no-write   # a quick look
+    python benchmarks/expander_lm_frontier.py --max-contexts 12 --steps 8 --heldout-contexts 2
+                                                              # an end-to-end check, minutes
 
 Writes the table and an SVG between the ``lm-frontier`` markers of ``docs/expander.md``.
 """
@@ -72,10 +73,19 @@ def variants() -> list[tuple[str, list[tuple[str, str]]]]:
     return [*out, ("dense TopK", dense)]
 
 
-def cache() -> None:
+def data_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--max-contexts``: a smaller corpus in its own cache folder (a quick end-to-end check)."""
+    if not args.max_contexts:
+        return []
+    folder = f"{load_recipe([RECIPE]).data['cache_dir']}-{args.max_contexts}"
+    return [("data.max_sequences", str(args.max_contexts)), ("data.cache_dir", folder)]
+
+
+def cache(args: argparse.Namespace) -> None:
     """Harvest the training activations (skipped when the cache is complete)."""
     cli = Path(sys.executable).parent / "sae-lightning"
-    subprocess.run([str(cli), "cache", "--config", str(RECIPE)], check=True)
+    overrides = [f"--{key}={value}" for key, value in data_overrides(args)]
+    subprocess.run([str(cli), "cache", "--config", str(RECIPE), *overrides], check=True)
 
 
 def heldout(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -123,7 +133,7 @@ def train(label: str, overrides: list[tuple[str, str]], args: argparse.Namespace
     ]
     if args.steps:
         common.append(("trainer.max_steps", str(args.steps)))
-    recipe = load_recipe([RECIPE], [*common, *overrides])
+    recipe = load_recipe([RECIPE], [*common, *data_overrides(args), *overrides])
     run = build_run(recipe, log=False)
     timer = StepTimer()
     run.trainer.callbacks.append(timer)
@@ -279,13 +289,16 @@ def main() -> None:
     parser.add_argument("--heldout-contexts", type=int, default=8, help="held-out contexts")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cache-only", action="store_true", help="harvest, then stop")
+    parser.add_argument(
+        "--max-contexts", type=int, default=None, help="cap the training corpus (quick check)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave the doc")
     parser.add_argument("--only", nargs="+", default=None, help="variants whose label has one")
     parser.add_argument("--output-dir", default=None, help="run folders (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    cache()
+    cache(args)
     print(f"cache ready after {time.perf_counter() - start:.0f} s", flush=True)
     if args.cache_only:
         return
@@ -308,7 +321,7 @@ def main() -> None:
             )
     print(table(rows))
     print(json.dumps(rows))
-    if not args.no_write and not args.only:
+    if not args.no_write and not args.only and not args.max_contexts and not args.steps:
         write_doc(rows, rows[-1], args)
         print(f"wrote {DOC}")
 
