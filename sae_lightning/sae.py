@@ -48,8 +48,9 @@ class SparseAutoencoder(nn.Module):
         plugins: the registry to build from (the process-wide one by default).
 
     Attributes:
-        fused: use the sparsity plugin's ``fused_encode`` when it has one and the encoder is
-            linear (True by default); False forces the dense reference path.
+        fused: use the encoder's ``fused_sparsify`` when it returns codes, else the sparsity
+            plugin's ``fused_encode`` when it has one and the encoder is linear (True by
+            default); False forces the dense reference path.
 
     Example::
 
