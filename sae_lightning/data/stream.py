@@ -116,9 +116,14 @@ class IndexedDataModule(pl.LightningDataModule):
         self.validator: BatchValidator | None = None
 
     def rank_and_world(self) -> tuple[int, int]:
-        """``(global_rank, world_size)`` of this process, ``(0, 1)`` without a trainer."""
+        """``(data-parallel rank, data-parallel size)`` of this process, ``(0, 1)`` without a
+        trainer: the global rank and world size, except under ``model_parallel``, where the
+        ranks of one tensor-parallel group share the same rows."""
         if self.trainer is None:
             return 0, 1
+        sampler = self.trainer.distributed_sampler_kwargs
+        if sampler is not None:
+            return sampler["rank"], sampler["num_replicas"]
         return self.trainer.global_rank, self.trainer.world_size
 
     def check_batch_size(self) -> None:
