@@ -45,6 +45,7 @@ class ShardedSAEModule(SAEModule):
         check_shardable(self.sae)
         self.layout: ShardLayout | None = None
         self._n_dead: int | None = None  # dead latents over all shards, after the last step
+        self._atoms: Tensor | None = None  # the whole dictionary, during validation only
 
     def configure_model(self) -> None:
         if self.layout is not None:
@@ -57,6 +58,21 @@ class ShardedSAEModule(SAEModule):
             counters, layout.mesh, [Replicate(), Shard(0)], run_check=False
         )
         self.layout = layout
+        self.sae.atoms = self._gathered_atoms  # type: ignore[method-assign]
+
+    def _gathered_atoms(self) -> Tensor:
+        if self._atoms is None:
+            raise RuntimeError(
+                "the sharded dictionary is gathered whole only during validation on data with "
+                "ground-truth atoms; use gathered_sae() (every rank) for the whole SAE"
+            )
+        return self._atoms
+
+    def on_validation_epoch_start(self) -> None:
+        # The synthetic data's reference metrics and atom images (rank 0 only) read the whole
+        # dictionary: gather it here, where every rank takes part. Such dictionaries are small.
+        has_atoms = hasattr(self.trainer.datamodule, "reference_metrics")
+        self._atoms = self.sae.decoder.W_dec.detach().full_tensor() if has_atoms else None
 
     # ---- training -------------------------------------------------------------------------
 
@@ -151,9 +167,9 @@ class ShardedSAEModule(SAEModule):
         reduced[self.dead_key] = (shard[1] / layout.d_sae).float()
         return reduced
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Average the gradients over the data-parallel group (one all-reduce), then let the
-        decoder project them (it works on the DTensor shards)."""
+    def on_after_backward(self) -> None:
+        """Average the gradients over the data-parallel group (one all-reduce), as DDP does,
+        before any callback or the optimizer reads them."""
         layout = self.layout
         assert layout is not None
         if layout.dp_size > 1:
@@ -162,7 +178,6 @@ class ShardedSAEModule(SAEModule):
             all_reduce(flat, layout.dp_group, "dp").div_(layout.dp_size)
             for g, g_flat in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
                 g.copy_(g_flat.view_as(g))
-        super().on_before_optimizer_step(optimizer)
 
     # ---- evaluation -----------------------------------------------------------------------
 

@@ -92,8 +92,6 @@ def shard_parameters(sae: SparseAutoencoder, layout: ShardLayout) -> None:
         placements = [Replicate(), Shard(0) if sharded else Replicate()]
         dt = DTensor.from_local(data, layout.mesh, placements, run_check=False)
         setattr(owner, name.rpartition(".")[2], nn.Parameter(dt, requires_grad=param.requires_grad))
-    # Callers that read the whole dictionary (reference metrics) get it gathered.
-    sae.atoms = lambda: sae.decoder.W_dec.detach().full_tensor()  # type: ignore[method-assign]
 
 
 class ShardedOutput(NamedTuple):
