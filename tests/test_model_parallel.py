@@ -1,0 +1,200 @@
+"""Latent sharding with real processes: a T = 2 mesh of CPU ranks (gloo) trains what 1 process
+trains, with about half the parameter and optimizer bytes per rank.
+
+Lightning's launcher re-executes ``sys.argv``, so the sharded runs are a dedicated script in
+``tests/mp_scripts`` started as a subprocess; the one-process reference runs here from the
+same code. The multi-node test starts two ``torchrun`` "nodes" on localhost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "mp_scripts"
+TOLERANCE = 1e-5  # relative: max |a - b| / max |b| per tensor, and per logged metric
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"mp_{name}", SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+equivalence = load_script("equivalence")
+
+
+def run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Every case trained once on a 1 x 2 mesh; ``<case>.rank<r>.pt`` per rank."""
+    out = tmp_path_factory.mktemp("mp")
+    cmd = [sys.executable, str(SCRIPTS / "equivalence.py"), str(out), "1", "2"]
+    proc = run(cmd, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict]:
+    return {}
+
+
+def reference(references: dict[str, dict], case: str) -> dict:
+    if case not in references:
+        references[case] = equivalence.summary(*equivalence.train(case, 1, 1))
+    return references[case]
+
+
+@pytest.mark.parametrize("case", list(equivalence.CASES))
+def test_two_shards_equal_one_process(two_ranks: Path, references: dict, case: str) -> None:
+    one = reference(references, case)
+    ranks = [torch.load(two_ranks / f"{case}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for section in ("state", "adam"):  # weights, buffers, Adam's moments: gathered whole
+        assert ranks[0][section].keys() == one[section].keys()
+        for key, value in one[section].items():
+            diff = relative(ranks[0][section][key], value)
+            assert diff <= TOLERANCE, f"{case} {section} {key}: relative difference {diff:.3g}"
+            assert torch.equal(ranks[0][section][key], ranks[1][section][key]), key
+    assert len(ranks[0]["metrics"]) == len(one["metrics"]) == equivalence.STEPS
+    for step, (got, want) in enumerate(zip(ranks[0]["metrics"], one["metrics"], strict=True)):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), (step, key)
+    # The dead-latent counters are exact, and the AuxK cases did exercise AuxK.
+    assert torch.equal(ranks[0]["state"]["tokens_since_fired"], one["state"]["tokens_since_fired"])
+    if equivalence.CASES[case].kill:
+        assert max(m["train/loss/auxk"] for m in one["metrics"]) > 0
+
+
+@pytest.mark.parametrize("case", ["topk", "relu"])
+def test_each_shard_holds_about_half_the_parameter_and_optimizer_bytes(
+    two_ranks: Path, references: dict, case: str
+) -> None:
+    one = reference(references, case)["bytes"]
+    for r in (0, 1):
+        rank = torch.load(two_ranks / f"{case}.rank{r}.pt", weights_only=False)["bytes"]
+        assert rank <= 0.55 * one, f"rank {r}: {rank} of {one} bytes"
+
+
+def expected_traffic(case: str) -> dict[str, int]:
+    """Bytes one rank sends per step, T = 2, dp = 1 (the formula of docs/multi-gpu.md)."""
+    b, d_in, k = equivalence.BATCH, equivalence.D_IN, 3
+    fp32, fp64 = 4, 8
+    tp_reduce = b * d_in * fp32 + d_in * fp32 + 2 * fp64  # x_hat, b_dec's gradient, metrics
+    if case in ("relu", "jumprelu"):
+        return {"tp.all_reduce": tp_reduce + fp32}  # + the penalty's partial sum
+    if case == "topk":
+        return {"tp.all_reduce": tp_reduce, "tp.all_gather": b * k * fp32}
+    assert case == "batchtopk"
+    return {"tp.all_reduce": tp_reduce, "mesh.all_gather": k * b * fp32}
+
+
+@pytest.mark.parametrize("case", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_bytes_communicated_per_step_match_the_formula(two_ranks: Path, case: str) -> None:
+    counted = torch.load(two_ranks / f"{case}.rank0.pt", weights_only=False)["traffic"]
+    per_step = {key: value / equivalence.STEPS for key, value in counted.items()}
+    assert per_step == expected_traffic(case)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit_args(out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "5",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.batch_size",
+        "256",
+        "--data.val_samples",
+        "256",
+        "--checkpoint.every_n_steps",
+        "5",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+
+
+def test_two_node_torchrun_fit_reshards_to_one_process(tmp_path: Path) -> None:
+    """2 "nodes" x 1 process (TCP rendezvous on 127.0.0.1), T = 2, through ``sae-lightning
+    fit``: the export equals a one-process run's; the sharded checkpoint resumes at T = 1."""
+    port = str(free_port())
+    sharded = tmp_path / "sharded"
+    mp = ["--trainer.strategy", "model_parallel", "--trainer.tensor_parallel_size", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    torchrun += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    fit = fit_args(sharded, 10, "--trainer.devices", "1", "--trainer.num_nodes", "2", *mp)
+    nodes = [
+        subprocess.Popen(
+            [*torchrun, "--node-rank", str(node), "-m", "sae_lightning.cli", *fit],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # The one-process run goes to step 20 in one go, keeping its step-10 checkpoint.
+    plain = tmp_path / "plain"
+    cli = [sys.executable, "-m", "sae_lightning.cli"]
+    proc = run([*cli, *fit_args(plain, 20, "--checkpoint.keep", "-1")], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_a, run_b = sharded / "quickstart" / "version_0", plain / "quickstart" / "version_0"
+    assert not (sharded / "quickstart" / "version_1").exists()
+    assert (run_a / "checkpoints" / "last.ckpt").is_dir()  # torch.distributed.checkpoint
+    exported = load_file(run_a / "sae.safetensors")
+    step10 = torch.load(run_b / "checkpoints" / "step0000010.ckpt", weights_only=True)
+    for key, value in exported.items():
+        assert relative(value, step10["state_dict"][f"sae.{key}"]) <= 1e-6, key
+    metrics = json.loads((run_a / "metrics.json").read_text())
+    assert metrics["trainer/global_step"] == 10
+    assert metrics["val/l0"] == pytest.approx(4.0)
+
+    # The T = 2 checkpoint continues at T = 1 (one process) to where the plain run ended.
+    one = [*mp[:2], "--trainer.tensor_parallel_size", "1"]
+    proc = run([*cli, *fit_args(sharded, 20, *one), "--ckpt_path", "last"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(run_a / "sae.safetensors"), load_file(run_b / "sae.safetensors")
+    for key in a:
+        assert relative(a[key], b[key]) <= TOLERANCE, key
+    metrics_a = json.loads((run_a / "metrics.json").read_text())
+    metrics_b = json.loads((run_b / "metrics.json").read_text())
+    assert metrics_a["trainer/global_step"] == 20
+    for key, value in metrics_b.items():
+        assert metrics_a[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
