@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sae_lightning.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "mp_scripts"
 TOLERANCE = 1e-5  # relative: max |a - b| / max |b| per tensor, and per logged metric
@@ -52,6 +54,19 @@ def two_ranks(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> Path:
+    """The cases of :data:`MESH_CASES` on a 2 (data) x 2 (tensor) mesh of 4 processes."""
+    out = tmp_path_factory.mktemp("mp22")
+    cmd = [sys.executable, str(SCRIPTS / "equivalence.py"), str(out), "2", "2", *MESH_CASES]
+    proc = run(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+MESH_CASES = ["topk+auxk", "batchtopk+auxk", "relu", "jumprelu"]
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
@@ -70,14 +85,24 @@ def reference(references: dict[str, dict], case: str) -> dict:
 
 @pytest.mark.parametrize("case", list(equivalence.CASES))
 def test_two_shards_equal_one_process(two_ranks: Path, references: dict, case: str) -> None:
-    one = reference(references, case)
-    ranks = [torch.load(two_ranks / f"{case}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+    check_equal(two_ranks, 2, reference(references, case), case)
+
+
+@pytest.mark.parametrize("case", MESH_CASES)
+def test_two_by_two_mesh_equals_one_process(four_ranks: Path, references: dict, case: str) -> None:
+    check_equal(four_ranks, 4, reference(references, case), case)
+
+
+def check_equal(out: Path, world: int, one: dict, case: str) -> None:
+    """Every rank's gathered state and logged metrics equal the one-process run's."""
+    ranks = [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in range(world)]
     for section in ("state", "adam"):  # weights, buffers, Adam's moments: gathered whole
         assert ranks[0][section].keys() == one[section].keys()
         for key, value in one[section].items():
             diff = relative(ranks[0][section][key], value)
             assert diff <= TOLERANCE, f"{case} {section} {key}: relative difference {diff:.3g}"
-            assert torch.equal(ranks[0][section][key], ranks[1][section][key]), key
+            for rank in ranks[1:]:
+                assert torch.equal(ranks[0][section][key], rank[section][key]), key
     assert len(ranks[0]["metrics"]) == len(one["metrics"]) == equivalence.STEPS
     for step, (got, want) in enumerate(zip(ranks[0]["metrics"], one["metrics"], strict=True)):
         assert got.keys() == want.keys()
@@ -117,6 +142,15 @@ def test_bytes_communicated_per_step_match_the_formula(two_ranks: Path, case: st
     counted = torch.load(two_ranks / f"{case}.rank0.pt", weights_only=False)["traffic"]
     per_step = {key: value / equivalence.STEPS for key, value in counted.items()}
     assert per_step == expected_traffic(case)
+
+
+def test_data_parallel_bytes_per_step_match_the_formula(four_ranks: Path) -> None:
+    """dp = 2: one all-reduce of the metrics pack and one of the shard's gradients."""
+    counted = torch.load(four_ranks / "relu.rank0.pt", weights_only=False)["traffic"]
+    d_in, shard, n_metrics = equivalence.D_IN, equivalence.D_SAE // 2, 3  # loss, recon., l1
+    metrics = 8 * (n_metrics + 4 + shard + d_in)  # fp64: metrics, sums, fire counts, sum x
+    grads = 4 * (2 * shard * d_in + shard + d_in)  # W_enc, W_dec shards, b_enc shard, b_dec
+    assert counted["dp.all_reduce"] / equivalence.STEPS == metrics + grads
 
 
 def free_port() -> int:
@@ -168,13 +202,11 @@ def test_two_node_torchrun_fit_reshards_to_one_process(tmp_path: Path) -> None:
         )
         for node in (0, 1)
     ]
+    # Meanwhile, here, the one-process run goes to step 20, keeping its step-10 checkpoint.
+    plain = tmp_path / "plain"
+    assert main(fit_args(plain, 20, "--checkpoint.keep", "-1")) == 0
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    # The one-process run goes to step 20 in one go, keeping its step-10 checkpoint.
-    plain = tmp_path / "plain"
-    cli = [sys.executable, "-m", "sae_lightning.cli"]
-    proc = run([*cli, *fit_args(plain, 20, "--checkpoint.keep", "-1")], timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     run_a, run_b = sharded / "quickstart" / "version_0", plain / "quickstart" / "version_0"
     assert not (sharded / "quickstart" / "version_1").exists()
     assert (run_a / "checkpoints" / "last.ckpt").is_dir()  # torch.distributed.checkpoint
@@ -188,6 +220,7 @@ def test_two_node_torchrun_fit_reshards_to_one_process(tmp_path: Path) -> None:
 
     # The T = 2 checkpoint continues at T = 1 (one process) to where the plain run ended.
     one = [*mp[:2], "--trainer.tensor_parallel_size", "1"]
+    cli = [sys.executable, "-m", "sae_lightning.cli"]
     proc = run([*cli, *fit_args(sharded, 20, *one), "--ckpt_path", "last"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(run_a / "sae.safetensors"), load_file(run_b / "sae.safetensors")
