@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_lightning.cli import main
+from sae_lightning.parallel.memory import state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "mp_scripts"
@@ -114,7 +115,7 @@ def check_equal(out: Path, world: int, one: dict, case: str) -> None:
         assert max(m["train/loss/auxk"] for m in one["metrics"]) > 0
 
 
-@pytest.mark.parametrize("case", ["topk", "relu"])
+@pytest.mark.parametrize("case", ["topk", "batchtopk"])
 def test_each_shard_holds_about_half_the_parameter_and_optimizer_bytes(
     two_ranks: Path, references: dict, case: str
 ) -> None:
@@ -122,6 +123,10 @@ def test_each_shard_holds_about_half_the_parameter_and_optimizer_bytes(
     for r in (0, 1):
         rank = torch.load(two_ranks / f"{case}.rank{r}.pt", weights_only=False)["bytes"]
         assert rank <= 0.55 * one, f"rank {r}: {rank} of {one} bytes"
+        # ... and exactly what the memory table's formula says (without gradients).
+        d_in, d_sae = equivalence.D_IN, equivalence.D_SAE
+        assert rank == state_bytes(d_in, d_sae, 2, grads=False)
+        assert one == state_bytes(d_in, d_sae, 1, grads=False)
 
 
 def expected_traffic(case: str) -> dict[str, int]:
@@ -231,3 +236,20 @@ def test_two_node_torchrun_fit_reshards_to_one_process(tmp_path: Path) -> None:
     assert metrics_a["trainer/global_step"] == 20
     for key, value in metrics_b.items():
         assert metrics_a[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
+
+
+def test_recipe_errors_name_the_field_and_the_fix() -> None:
+    from sae_lightning.errors import ConfigError
+    from sae_lightning.parallel.module import ShardedSAEModule
+    from sae_lightning.parallel.strategy import model_parallel_arguments
+
+    with pytest.raises(ConfigError, match="trainer.tensor_parallel_size.*model_parallel"):
+        model_parallel_arguments({"strategy": "ddp", "tensor_parallel_size": 2})
+    with pytest.raises(ConfigError, match="trainer.tensor_parallel_size: 3 does not divide"):
+        model_parallel_arguments({"strategy": "model_parallel", "tensor_parallel_size": 3})
+    args = model_parallel_arguments(
+        {"strategy": "model_parallel", "tensor_parallel_size": 2, "devices": 2, "num_nodes": 2}
+    )
+    assert (args["strategy"]._data_parallel_size, args["strategy"]._tensor_parallel_size) == (2, 2)
+    with pytest.raises(ConfigError, match="model.decoder: 'tied' cannot be sharded"):
+        ShardedSAEModule(8, 16, {"name": "linear"}, {"name": "tied"}, {"name": "topk", "k": 2})

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from sae_lightning.errors import ConfigError
 from sae_lightning.module import SAEModule, StepOutput
 from sae_lightning.parallel.comm import all_gather, all_reduce
 from sae_lightning.parallel.mesh import ShardLayout, shard_layout
@@ -59,6 +60,16 @@ class ShardedSAEModule(SAEModule):
         )
         self.layout = layout
         self.sae.atoms = self._gathered_atoms  # type: ignore[method-assign]
+
+    def on_fit_start(self) -> None:
+        from sae_lightning.callbacks.resampling import DeadFeatureResampler
+
+        if any(isinstance(c, DeadFeatureResampler) for c in self.trainer.callbacks):
+            raise ConfigError(
+                "callbacks",
+                "the resampler does not work on latent-sharded SAEs yet",
+                "remove the resampler, or use trainer.strategy: ddp",
+            )
 
     def _gathered_atoms(self) -> Tensor:
         if self._atoms is None:
