@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,15 +167,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fit_args(out: Path, steps: int, *extra: str) -> list[str]:
+def fit_args(out: Path, *extra: str) -> list[str]:
+    """``sae-lightning fit`` of the quickstart recipe, small: 40 steps, a checkpoint every 10."""
     return [
         "fit",
         "--config",
         str(ROOT / "recipes" / "quickstart.yaml"),
         "--trainer.max_steps",
-        str(steps),
+        "40",
         "--trainer.val_check_interval",
-        "5",
+        "20",
         "--trainer.enable_progress_bar",
         "false",
         "--data.batch_size",
@@ -180,22 +184,44 @@ def fit_args(out: Path, steps: int, *extra: str) -> list[str]:
         "--data.val_samples",
         "256",
         "--checkpoint.every_n_steps",
-        "5",
+        "10",
         "--output_dir",
         str(out),
         *extra,
     ]
 
 
-def test_two_node_torchrun_fit_reshards_to_one_process(tmp_path: Path) -> None:
-    """2 "nodes" x 1 process (TCP rendezvous on 127.0.0.1), T = 2, through ``sae-lightning
-    fit``: the export equals a one-process run's; the sharded checkpoint resumes at T = 1."""
+MP = ["--trainer.strategy", "model_parallel", "--trainer.tensor_parallel_size"]
+CLI = [sys.executable, "-m", "sae_lightning.cli"]
+
+
+def run_folder(out: Path) -> Path:
+    return out / "quickstart" / "version_0"
+
+
+def assert_same_run(got: Path, want: Path, tolerance: float) -> None:
+    """Exported weights within ``tolerance`` (relative), metrics within 1e-5."""
+    a, b = load_file(got / "sae.safetensors"), load_file(want / "sae.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert relative(a[key], b[key]) <= tolerance, key
+    metrics_a = json.loads((got / "metrics.json").read_text())
+    metrics_b = json.loads((want / "metrics.json").read_text())
+    assert metrics_a["trainer/global_step"] == 40
+    for key, value in metrics_b.items():
+        assert metrics_a[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def torchrun_fit(tmp_path_factory) -> tuple[Path, Path]:
+    """``(sharded, plain)`` run folders: 2 "nodes" x 1 process (TCP rendezvous on 127.0.0.1),
+    T = 2, through ``sae-lightning fit``; and, here, meanwhile, the same recipe on one process."""
+    tmp = tmp_path_factory.mktemp("torchrun")
     port = str(free_port())
-    sharded = tmp_path / "sharded"
-    mp = ["--trainer.strategy", "model_parallel", "--trainer.tensor_parallel_size", "2"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
     torchrun += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
-    fit = fit_args(sharded, 10, "--trainer.devices", "1", "--trainer.num_nodes", "2", *mp)
+    fit = fit_args(tmp / "sharded", "--trainer.devices", "1", "--trainer.num_nodes", "2", *MP, "2")
+    fit += ["--checkpoint.keep", "-1"]
     nodes = [
         subprocess.Popen(
             [*torchrun, "--node-rank", str(node), "-m", "sae_lightning.cli", *fit],
@@ -207,35 +233,54 @@ def test_two_node_torchrun_fit_reshards_to_one_process(tmp_path: Path) -> None:
         )
         for node in (0, 1)
     ]
-    # Meanwhile, here, the one-process run goes to step 20, keeping its step-10 checkpoint.
-    plain = tmp_path / "plain"
-    assert main(fit_args(plain, 20, "--checkpoint.keep", "-1")) == 0
+    assert main(fit_args(tmp / "plain")) == 0
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    run_a, run_b = sharded / "quickstart" / "version_0", plain / "quickstart" / "version_0"
-    assert not (sharded / "quickstart" / "version_1").exists()
-    assert (run_a / "checkpoints" / "last.ckpt").is_dir()  # torch.distributed.checkpoint
-    exported = load_file(run_a / "sae.safetensors")
-    step10 = torch.load(run_b / "checkpoints" / "step0000010.ckpt", weights_only=True)
-    for key, value in exported.items():
-        assert relative(value, step10["state_dict"][f"sae.{key}"]) <= 1e-6, key
-    metrics = json.loads((run_a / "metrics.json").read_text())
-    assert metrics["trainer/global_step"] == 10
-    assert metrics["val/l0"] == pytest.approx(4.0)
+    return run_folder(tmp / "sharded"), run_folder(tmp / "plain")
 
-    # The T = 2 checkpoint continues at T = 1 (one process) to where the plain run ended.
-    one = [*mp[:2], "--trainer.tensor_parallel_size", "1"]
-    cli = [sys.executable, "-m", "sae_lightning.cli"]
-    proc = run([*cli, *fit_args(sharded, 20, *one), "--ckpt_path", "last"], timeout=120)
+
+def test_two_node_torchrun_fit_equals_one_process(torchrun_fit: tuple[Path, Path]) -> None:
+    sharded, plain = torchrun_fit
+    assert not (sharded.parent / "version_1").exists()
+    assert (sharded / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # a DCP folder
+    assert not list((sharded / "checkpoints").glob("*.partial"))
+    # One ordinary sae.safetensors, gathered from the shards.
+    assert_same_run(sharded, plain, 1e-6)
+
+
+def test_a_sharded_checkpoint_continues_at_t1(
+    torchrun_fit: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The T = 2 checkpoint of step 10, loaded by one process (T = 1), trains on to step 40
+    as the one-process run did."""
+    sharded, plain = torchrun_fit
+    step10 = sharded / "checkpoints" / "step0000010.ckpt"
+    proc = run([*CLI, *fit_args(tmp_path, *MP, "1"), "--ckpt_path", str(step10)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_file(run_a / "sae.safetensors"), load_file(run_b / "sae.safetensors")
-    for key in a:
-        assert relative(a[key], b[key]) <= TOLERANCE, key
-    metrics_a = json.loads((run_a / "metrics.json").read_text())
-    metrics_b = json.loads((run_b / "metrics.json").read_text())
-    assert metrics_a["trainer/global_step"] == 20
-    for key, value in metrics_b.items():
-        assert metrics_a[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
+    assert_same_run(run_folder(tmp_path), plain, TOLERANCE)
+
+
+def test_sigkill_then_resume_is_bit_identical(
+    torchrun_fit: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A T = 2 run killed after its first checkpoint, resumed with ``--ckpt_path last``, ends
+    with exactly the weights of the unbroken T = 2 run."""
+    cmd = [*CLI, *fit_args(tmp_path, "--trainer.devices", "2", *MP, "2")]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True)
+    first = run_folder(tmp_path) / "checkpoints" / "last.ckpt" / ".metadata"
+    deadline = time.monotonic() + 180
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.1))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run_folder(tmp_path) / "metrics.json").exists(), "the run ended before the kill"
+    resumed = run([*cmd, "--ckpt_path", "last"], timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(run_folder(tmp_path) / "sae.safetensors")
+    b = load_file(torchrun_fit[0] / "sae.safetensors")
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_recipe_errors_name_the_field_and_the_fix() -> None:
@@ -243,13 +288,13 @@ def test_recipe_errors_name_the_field_and_the_fix() -> None:
     from sae_lightning.parallel.module import ShardedSAEModule
     from sae_lightning.parallel.strategy import model_parallel_arguments
 
-    with pytest.raises(ConfigError, match="trainer.tensor_parallel_size.*model_parallel"):
+    with pytest.raises(ConfigError, match=r"trainer\.tensor_parallel_size.*model_parallel"):
         model_parallel_arguments({"strategy": "ddp", "tensor_parallel_size": 2})
-    with pytest.raises(ConfigError, match="trainer.tensor_parallel_size: 3 does not divide"):
+    with pytest.raises(ConfigError, match=r"trainer\.tensor_parallel_size: 3 does not divide"):
         model_parallel_arguments({"strategy": "model_parallel", "tensor_parallel_size": 3})
     args = model_parallel_arguments(
         {"strategy": "model_parallel", "tensor_parallel_size": 2, "devices": 2, "num_nodes": 2}
     )
     assert (args["strategy"]._data_parallel_size, args["strategy"]._tensor_parallel_size) == (2, 2)
-    with pytest.raises(ConfigError, match="model.decoder: 'tied' cannot be sharded"):
+    with pytest.raises(ConfigError, match=r"model\.decoder: 'tied' cannot be sharded"):
         ShardedSAEModule(8, 16, {"name": "linear"}, {"name": "tied"}, {"name": "topk", "k": 2})

@@ -22,7 +22,8 @@ def is_model_parallel(recipe: RecipeConfig) -> bool:
 
 def model_parallel_arguments(trainer_args: dict[str, Any]) -> dict[str, Any]:
     """``trainer_args`` with ``strategy: model_parallel`` + ``tensor_parallel_size`` turned into
-    a ``ModelParallelStrategy``; other strategies pass through unchanged.
+    a ``ModelParallelStrategy`` (:class:`~.checkpoint.ShardedStrategy`); other strategies pass
+    through unchanged.
 
     Raises:
         ConfigError: ``tensor_parallel_size`` without the strategy, or sizes that do not fit.
@@ -56,9 +57,7 @@ def model_parallel_arguments(trainer_args: dict[str, Any]) -> dict[str, Any]:
             f"{tp} does not divide the {world} processes (trainer.devices x trainer.num_nodes)",
             "choose a tensor_parallel_size that divides devices x num_nodes",
         )
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from sae_lightning.parallel.checkpoint import ShardedStrategy
 
-    args["strategy"] = ModelParallelStrategy(
-        data_parallel_size=world // tp, tensor_parallel_size=tp
-    )
+    args["strategy"] = ShardedStrategy(data_parallel_size=world // tp, tensor_parallel_size=tp)
     return args
