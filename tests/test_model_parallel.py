@@ -32,16 +32,8 @@ TOLERANCE = 1e-5  # relative: max |a - b| / max |b| per tensor, and per logged m
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"mp_{name}", SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-equivalence = load_script("equivalence")
+# pytest puts tests/ on sys.path (no __init__.py), so the script imports as a module.
+equivalence = importlib.import_module("mp_scripts.equivalence")
 
 
 def run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
