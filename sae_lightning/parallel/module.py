@@ -45,7 +45,9 @@ class ShardedSAEModule(SAEModule):
         super().__init__(*args, **kwargs)
         check_shardable(self.sae)
         self.layout: ShardLayout | None = None
-        self._n_dead: int | None = None  # dead latents over all shards, after the last step
+        # Dead latents over all shards after the last step, kept on the device: read on the
+        # host only when AuxK needs the number.
+        self._n_dead: Tensor | None = None
         self._atoms: Tensor | None = None  # the whole dictionary, during validation only
 
     def configure_model(self) -> None:
@@ -101,8 +103,8 @@ class ShardedSAEModule(SAEModule):
         if self._n_dead is None:
             assert self.layout is not None
             count = self._dead_local().sum().view(1)
-            self._n_dead = int(all_reduce(count, self.layout.tp_group, "tp").item())
-        return self._n_dead
+            self._n_dead = all_reduce(count, self.layout.tp_group, "tp")[0]
+        return int(self._n_dead.item())
 
     def compute_step(self, x: Tensor, *, step: int) -> StepOutput:
         """Loss, terms and metrics of this rank's rows; advances the dead-latent counters.
@@ -164,13 +166,13 @@ class ShardedSAEModule(SAEModule):
         sq_err, sum_sq, rows, n_active = packed[n : n + 4]
         counts = packed[n + 4 : n + 4 + fire_counts.numel()].round().long()
         sum_x = packed[n + 4 + fire_counts.numel() :]
-        n_tokens = int(rows.item())
+        n_tokens = rows.round().long()
         self.tokens_seen += n_tokens
         counters = local(self.tokens_since_fired)
         counters.add_(n_tokens).masked_fill_(counts > 0, 0)
         shard = torch.stack([n_active, self._dead_local().sum().double()])
         all_reduce(shard, layout.tp_group, "tp")
-        self._n_dead = int(shard[1].item())
+        self._n_dead = shard[1].round().long()
         reduced = {k: packed[i].float() for i, k in enumerate(names)}
         variance = (sum_sq - sum_x.pow(2).sum() / rows).clamp_min(1e-12)
         reduced["train/fvu"] = (sq_err / variance).float()
