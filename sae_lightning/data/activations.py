@@ -371,7 +371,8 @@ class _ActivationData(pl.LightningDataModule):
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
-        sampler = self.trainer.distributed_sampler_kwargs  # data-parallel rank under model_parallel
+        # the data-parallel rank under model_parallel
+        sampler = getattr(self.trainer, "distributed_sampler_kwargs", None)
         if sampler is not None:
             return sampler["rank"], sampler["num_replicas"]
         return self.trainer.global_rank, self.trainer.world_size

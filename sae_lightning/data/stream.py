@@ -121,7 +121,7 @@ class IndexedDataModule(pl.LightningDataModule):
         ranks of one tensor-parallel group share the same rows."""
         if self.trainer is None:
             return 0, 1
-        sampler = self.trainer.distributed_sampler_kwargs
+        sampler = getattr(self.trainer, "distributed_sampler_kwargs", None)
         if sampler is not None:
             return sampler["rank"], sampler["num_replicas"]
         return self.trainer.global_rank, self.trainer.world_size
