@@ -25,7 +25,11 @@ from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule, as_tensor
-from sae_lightning.parallel.strategy import is_model_parallel, model_parallel_arguments
+from sae_lightning.parallel.strategy import (
+    check_model_parallel,
+    is_model_parallel,
+    model_parallel_arguments,
+)
 from sae_lightning.registry import registry
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -177,6 +181,7 @@ def build_run(
     Raises:
         ConfigError: for any invalid plugin, parameter or cross-field combination.
     """
+    check_model_parallel(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
     module = module_factory(recipe, getattr(datamodule, "d_in", None))

@@ -278,7 +278,8 @@ def test_sigkill_then_resume_is_bit_identical(
 def test_recipe_errors_name_the_field_and_the_fix() -> None:
     from sae_lightning.errors import ConfigError
     from sae_lightning.parallel.module import ShardedSAEModule
-    from sae_lightning.parallel.strategy import model_parallel_arguments
+    from sae_lightning.parallel.strategy import check_model_parallel, model_parallel_arguments
+    from sae_lightning.recipe import load_recipe
 
     with pytest.raises(ConfigError, match=r"trainer\.tensor_parallel_size.*model_parallel"):
         model_parallel_arguments({"strategy": "ddp", "tensor_parallel_size": 2})
@@ -288,5 +289,10 @@ def test_recipe_errors_name_the_field_and_the_fix() -> None:
         {"strategy": "model_parallel", "tensor_parallel_size": 2, "devices": 2, "num_nodes": 2}
     )
     assert (args["strategy"]._data_parallel_size, args["strategy"]._tensor_parallel_size) == (2, 2)
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    overrides = [("trainer.strategy", "model_parallel"), ("variants", "[{name: a}]")]
+    recipe = load_recipe([quickstart], overrides)
+    with pytest.raises(ConfigError, match=r"^variants: several SAEs"):
+        check_model_parallel(recipe)
     with pytest.raises(ConfigError, match=r"model\.decoder: 'tied' cannot be sharded"):
         ShardedSAEModule(8, 16, {"name": "linear"}, {"name": "tied"}, {"name": "topk", "k": 2})

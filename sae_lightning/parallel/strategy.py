@@ -20,6 +20,28 @@ def is_model_parallel(recipe: RecipeConfig) -> bool:
     return recipe.trainer.get("strategy") == STRATEGY
 
 
+def check_model_parallel(recipe: RecipeConfig) -> None:
+    """Refuse what latent sharding does not run yet, before anything is built.
+
+    Raises:
+        ConfigError: ``variants`` or an e2e loss with ``trainer.strategy: model_parallel``.
+    """
+    if not is_model_parallel(recipe):
+        return
+    if recipe.variants:
+        raise ConfigError(
+            "variants",
+            f"several SAEs in one run are not sharded (trainer.strategy: {STRATEGY})",
+            "train each variant in its own run, or use trainer.strategy: ddp",
+        )
+    if recipe.model.loss.mode != "local":
+        raise ConfigError(
+            "model.loss.mode",
+            f"'{recipe.model.loss.mode}' is not available with trainer.strategy: {STRATEGY}",
+            "use model.loss.mode: local, or trainer.strategy: ddp",
+        )
+
+
 def model_parallel_arguments(trainer_args: dict[str, Any]) -> dict[str, Any]:
     """``trainer_args`` with ``strategy: model_parallel`` + ``tensor_parallel_size`` turned into
     a ``ModelParallelStrategy`` (:class:`~.checkpoint.ShardedStrategy`); other strategies pass
