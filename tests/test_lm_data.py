@@ -13,15 +13,12 @@ pytest.importorskip("transformers")
 
 from lm_scripts.tiny_lm import D_MODEL, make_corpus, make_tiny_lm
 
-from sae_lightning.data.activations import (
-    ActivationCacheConfig,
-    ActivationCacheDataModule,
-    ActivationDataModule,
-    LMActivationsConfig,
-)
+from sae_lightning.data.activations import ActivationDataModule
+from sae_lightning.data.cached import ActivationCacheDataModule
+from sae_lightning.data.lm_config import ActivationCacheConfig, LMActivationsConfig
 from sae_lightning.data.cache import CacheCorruptError, permute, write_cache
 from sae_lightning.data.normalization import fold_input_scale
-from sae_lightning.data.text import read_documents
+from sae_lightning.lm.text import read_documents
 from sae_lightning.errors import ConfigError
 from sae_lightning.sae import SparseAutoencoder
 

@@ -9,6 +9,7 @@ the SAE recovers it (MMCS and the fraction of atoms found at cosine >= 0.9).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -52,6 +53,44 @@ class SyntheticConfig(PluginConfig):
         return self
 
 
+def draw_distinct(cdf: Tensor, n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``(n, k)`` indices, ``k`` distinct per row, drawn one after another, each with
+    probability proportional to its weight among those not drawn yet.
+
+    That is the law of ``torch.multinomial(..., replacement=False)``, computed much faster for
+    ``k`` far below the number of items: each row draws i.i.d. with replacement (inverse CDF)
+    and keeps the first ``k`` distinct values. The first new value after some draws is
+    distributed as the weights restricted to the values not drawn yet, so this is exact. Rows
+    that have not met ``k`` distinct values draw more, continuing their own sequence.
+
+    Args:
+        cdf: ``(items,)`` float64 cumulative weights (unnormalised).
+        n: rows.
+        k: distinct items per row (at most ``items``).
+        generator: the source of randomness; the result is a function of its state.
+    """
+    items = len(cdf)
+    draws = torch.empty(n, 0, dtype=torch.long)
+    todo = torch.arange(n)
+    out = torch.empty(n, k, dtype=torch.long)
+    extra = max(8, k // 2)
+    while len(todo):
+        u = torch.rand(len(todo), k + extra, generator=generator, dtype=torch.float64)
+        more = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max_(items - 1)
+        draws = torch.cat([draws, more], dim=1)
+        values, order = draws.sort(dim=1, stable=True)
+        new = torch.ones_like(values, dtype=torch.bool)
+        new[:, 1:] = values[:, 1:] != values[:, :-1]
+        first = torch.empty_like(new).scatter_(1, order, new)  # first occurrence, draw order
+        count = first.cumsum(1)
+        done = count[:, -1] >= k
+        take = first[done] & (count[done] <= k)
+        out[todo[done]] = draws[done][take].view(-1, k)
+        todo, draws = todo[~done], draws[~done]
+        extra = 2 * extra
+    return out
+
+
 class SparseGenerativeModel:
     """The ground-truth dictionary and the sampler of sparse combinations of its atoms."""
 
@@ -64,16 +103,16 @@ class SparseGenerativeModel:
         self.atoms = atoms / atoms.norm(dim=1, keepdim=True)  # (n_atoms, d)
         ranks = torch.arange(1, n_atoms + 1, dtype=torch.float64)
         self.probs = (ranks**-config.zipf_exponent).float()  # (n_atoms,)
+        self.cdf = (ranks**-config.zipf_exponent).cumsum(0)  # (n_atoms,) float64
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``(n, d)`` samples, each a noisy sum of ``n_active`` scaled atoms."""
         c = self.config
-        chosen = torch.multinomial(
-            self.probs.expand(n, -1), c.n_active, replacement=False, generator=generator
-        )  # (n, n_active)
+        chosen = draw_distinct(self.cdf, n, c.n_active, generator)  # (n, n_active)
         amps = torch.rand(n, c.n_active, generator=generator)
         amps = c.amplitude_min + (c.amplitude_max - c.amplitude_min) * amps
-        x = torch.einsum("na,nad->nd", amps, self.atoms[chosen])
+        # A weighted sum of gathered rows, without materialising (n, n_active, d).
+        x = F.embedding_bag(chosen, self.atoms, per_sample_weights=amps, mode="sum")
         if c.noise_std > 0:
             x = x + c.noise_std * torch.randn(n, c.d, generator=generator)
         return x
