@@ -7,13 +7,14 @@ import itertools
 import pytest
 import torch
 
+from sae_lightning.data.stream import IndexedBatchStream, seeded_generator
 from sae_lightning.data.synthetic import (
+    AliasTable,
     SparseGenerativeModel,
     SyntheticConfig,
     SyntheticDataModule,
     draw_distinct,
 )
-from sae_lightning.data.stream import IndexedBatchStream, seeded_generator
 
 N = 40_000
 
@@ -51,7 +52,7 @@ def within_binomial_noise(freq: torch.Tensor, p: torch.Tensor, samples: int) -> 
 def test_inclusion_frequencies_match_the_definition_and_multinomial(exponent, k):
     weights = torch.arange(1, 8, dtype=torch.float64) ** -exponent
     single, pair = exact_inclusion(weights, k)
-    chosen = draw_distinct(weights.cumsum(0), N, k, torch.Generator().manual_seed(0))
+    chosen = draw_distinct(AliasTable(weights), N, k, torch.Generator().manual_seed(0))
     assert chosen.shape == (N, k)
     assert (chosen.sort(1).values.diff(dim=1) > 0).all(), "an atom was drawn twice in a row"
     freq, joint = frequencies(chosen, len(weights))
@@ -65,8 +66,15 @@ def test_inclusion_frequencies_match_the_definition_and_multinomial(exponent, k)
     within_binomial_noise(frequencies(old, len(weights))[0], single, N)
 
 
+def test_alias_table_draws_with_the_given_weights():
+    weights = torch.tensor([3.0, 0.0, 1.0, 6.0, 0.5])
+    drawn = AliasTable(weights).draw((N,), torch.Generator().manual_seed(1))
+    freq = torch.bincount(drawn, minlength=5).double() / N
+    within_binomial_noise(freq, (weights / weights.sum()).double(), N)
+
+
 def test_all_atoms_when_k_equals_their_number():
-    chosen = draw_distinct(torch.tensor([1.0, 10.0, 100.0]).cumsum(0), 50, 3, torch.Generator())
+    chosen = draw_distinct(AliasTable(torch.tensor([1.0, 10.0, 100.0])), 50, 3, torch.Generator())
     assert torch.equal(chosen.sort(1).values, torch.arange(3).expand(50, -1))
 
 
@@ -76,7 +84,7 @@ def test_samples_are_seeded_sums_of_the_chosen_atoms():
     assert torch.equal(model.batch(5), model.batch(5))
     assert not torch.equal(model.batch(5), model.batch(6))
     g = seeded_generator(3, 0, 5)
-    chosen = draw_distinct(model.cdf, 16, 3, g)
+    chosen = draw_distinct(model.table, 16, 3, g)
     amps = 0.5 + torch.rand(16, 3, generator=g)
     ref = torch.einsum("na,nad->nd", amps.double(), model.atoms.double()[chosen])
     torch.testing.assert_close(model.batch(5).double(), ref, rtol=1e-6, atol=1e-6)

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         name, _ = split_spec(recipe.data, "data")
         raise ConfigError("data.name", f"is {name!r}; only lm_activations data can be cached")
     if args.progress_seconds <= 0:
-        raise ConfigError("--progress-seconds", f"is {args.progress_seconds}", "use a positive number")
+        raise ConfigError(
+            "--progress-seconds", f"is {args.progress_seconds}", "use a positive number"
+        )
     write_cache(datamodule, Console(), args.progress_seconds)
     return 0

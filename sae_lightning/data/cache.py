@@ -31,8 +31,11 @@ from sae_lightning.data.cache_format import (
 from sae_lightning.data.cache_writer import write_cache
 from sae_lightning.data.normalization import NormStats, norm_stats
 from sae_lightning.data.stream import seeded_generator
+from sae_lightning.errors import ConfigError
 
 __all__ = ["MANIFEST", "ActivationCache", "CacheCorruptError", "open_cache", "write_cache"]
+
+_PERMUTATION = 12  # stream id for seeded_generator
 
 # ---- permutation ----------------------------------------------------------------------------
 
@@ -112,7 +115,9 @@ class ActivationCache:
     def read(self, rows: Tensor) -> Tensor:
         """Training rows ``rows`` (indices into the whole cache), in that order, stored dtype."""
         shard = torch.searchsorted(self.starts, rows, right=True) - 1
-        out = torch.empty(len(rows), self.d_in, dtype=STORAGE_DTYPES[self.manifest["storage_dtype"]])
+        out = torch.empty(
+            len(rows), self.d_in, dtype=STORAGE_DTYPES[self.manifest["storage_dtype"]]
+        )
         for i in shard.unique().tolist():
             sel = shard == i
             out[sel] = self._shard(i)[rows[sel] - self.starts[i]]

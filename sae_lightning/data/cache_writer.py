@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from sae_lightning.data.cache_format import FORMAT_VERSION, MANIFEST, header, map_tensor, sha256_file
+from sae_lightning.data.cache_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    header,
+    map_tensor,
+    sha256_file,
+)
 from sae_lightning.data.normalization import norm_stats
 from sae_lightning.data.progress import HarvestProgress
 from sae_lightning.errors import ConfigError
@@ -101,7 +107,9 @@ def _plan(dm: CacheSource, corpus: TokenizedCorpus) -> list[ShardPlan]:
     for split, contexts in (("train", corpus.train), ("val", corpus.val)):
         n = len(contexts)
         for i, first in enumerate(range(0, n, step)):
-            plan.append(ShardPlan(f"{split}_{i:05d}.safetensors", split, first, min(n, first + step)))
+            plan.append(
+                ShardPlan(f"{split}_{i:05d}.safetensors", split, first, min(n, first + step))
+            )
     return plan
 
 
@@ -247,7 +255,10 @@ def write_cache(
             )
             pending.append(future)
             written.append(future)
-        entries = [_entry(s, w if isinstance(w, dict) else w.result()) for s, w in zip(plan, written)]
+        entries = [
+            _entry(s, w if isinstance(w, dict) else w.result())
+            for s, w in zip(plan, written, strict=True)
+        ]
         elapsed = progress.harvest_seconds()
     manifest = _manifest(dm, out, fingerprint, entries)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -145,4 +145,3 @@ class ActivationCacheConfig(ActivationOptions):
     device: str | None = Field(
         None, description="device of the LM when the KL callback loads it from the manifest"
     )
-

@@ -53,40 +53,67 @@ class SyntheticConfig(PluginConfig):
         return self
 
 
-def draw_distinct(cdf: Tensor, n: int, k: int, generator: torch.Generator) -> Tensor:
+class AliasTable:
+    """Walker's alias table: i.i.d. draws from fixed weights in O(1) each (Vose's construction).
+
+    Draw: a uniform bin ``i``, kept with probability ``keep[i]``, else its ``alias[i]``.
+    """
+
+    def __init__(self, weights: Tensor) -> None:
+        n = len(weights)
+        scaled = (weights.double() * n / weights.double().sum()).tolist()
+        keep, alias = [1.0] * n, list(range(n))
+        small = [i for i, w in enumerate(scaled) if w < 1.0]
+        large = [i for i, w in enumerate(scaled) if w >= 1.0]
+        while small and large:
+            s, g = small.pop(), large.pop()
+            keep[s], alias[s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+        self.keep = torch.tensor(keep, dtype=torch.float64)  # leftovers are exactly 1 (rounding)
+        self.alias = torch.tensor(alias, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        u = torch.rand(*shape, generator=generator, dtype=torch.float64) * len(self)
+        bins = u.long().clamp_max_(len(self) - 1)
+        return torch.where(u - bins < self.keep[bins], bins, self.alias[bins])
+
+
+def draw_distinct(table: AliasTable, n: int, k: int, generator: torch.Generator) -> Tensor:
     """``(n, k)`` indices, ``k`` distinct per row, drawn one after another, each with
     probability proportional to its weight among those not drawn yet.
 
     That is the law of ``torch.multinomial(..., replacement=False)``, computed much faster for
-    ``k`` far below the number of items: each row draws i.i.d. with replacement (inverse CDF)
-    and keeps the first ``k`` distinct values. The first new value after some draws is
+    ``k`` far below the number of items: each row draws i.i.d. with replacement (an alias
+    table) and keeps the first ``k`` distinct values. The first new value after some draws is
     distributed as the weights restricted to the values not drawn yet, so this is exact. Rows
     that have not met ``k`` distinct values draw more, continuing their own sequence.
 
     Args:
-        cdf: ``(items,)`` float64 cumulative weights (unnormalised).
+        table: the weights (at least ``k`` of them nonzero).
         n: rows.
-        k: distinct items per row (at most ``items``).
+        k: distinct items per row.
         generator: the source of randomness; the result is a function of its state.
     """
-    items = len(cdf)
-    draws = torch.empty(n, 0, dtype=torch.long)
-    todo = torch.arange(n)
     out = torch.empty(n, k, dtype=torch.long)
+    found = torch.zeros(n, dtype=torch.long)  # distinct values found so far, per row
+    seen = torch.zeros(n, len(table), dtype=torch.bool)
+    todo = torch.arange(n)
     extra = max(8, k // 2)
     while len(todo):
-        u = torch.rand(len(todo), k + extra, generator=generator, dtype=torch.float64)
-        more = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max_(items - 1)
-        draws = torch.cat([draws, more], dim=1)
-        values, order = draws.sort(dim=1, stable=True)
-        new = torch.ones_like(values, dtype=torch.bool)
-        new[:, 1:] = values[:, 1:] != values[:, :-1]
-        first = torch.empty_like(new).scatter_(1, order, new)  # first occurrence, draw order
-        count = first.cumsum(1)
-        done = count[:, -1] >= k
-        take = first[done] & (count[done] <= k)
-        out[todo[done]] = draws[done][take].view(-1, k)
-        todo, draws = todo[~done], draws[~done]
+        block = table.draw((len(todo), k + extra), generator)
+        local = torch.arange(len(todo))
+        for column in block.T:  # in draw order: the first k distinct values are kept
+            new = ~seen[local, column] & (found[todo] < k)
+            seen[local, column] = True
+            rows = todo[new]
+            out[rows, found[rows]] = column[new]
+            found[rows] += 1
+        more = found[todo] < k
+        todo, seen = todo[more], seen[more]
         extra = 2 * extra
     return out
 
@@ -103,12 +130,12 @@ class SparseGenerativeModel:
         self.atoms = atoms / atoms.norm(dim=1, keepdim=True)  # (n_atoms, d)
         ranks = torch.arange(1, n_atoms + 1, dtype=torch.float64)
         self.probs = (ranks**-config.zipf_exponent).float()  # (n_atoms,)
-        self.cdf = (ranks**-config.zipf_exponent).cumsum(0)  # (n_atoms,) float64
+        self.table = AliasTable(ranks**-config.zipf_exponent)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``(n, d)`` samples, each a noisy sum of ``n_active`` scaled atoms."""
         c = self.config
-        chosen = draw_distinct(self.cdf, n, c.n_active, generator)  # (n, n_active)
+        chosen = draw_distinct(self.table, n, c.n_active, generator)  # (n, n_active)
         amps = torch.rand(n, c.n_active, generator=generator)
         amps = c.amplitude_min + (c.amplitude_max - c.amplitude_min) * amps
         # A weighted sum of gathered rows, without materialising (n, n_active, d).

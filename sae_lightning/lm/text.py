@@ -94,7 +94,9 @@ def _read_path(path: Path, text_field: str, field: str) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         return [d for f in files for d in _read_path(f, text_field, field)]
     if not path.is_file():
-        raise ConfigError(field, f"{str(path)!r} does not exist", "give .txt/.jsonl files or folders")
+        raise ConfigError(
+            field, f"{str(path)!r} does not exist", "give .txt/.jsonl files or folders"
+        )
     if path.suffix == ".jsonl":
         out = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
