@@ -56,7 +56,7 @@ class LMActivationsConfig(LMSourceConfig, ActivationOptions):
     text: list[str] = Field(
         ...,
         description="local .txt/.jsonl files, folders, globs, a saved `datasets` folder, "
-        "or builtin:python-docs",
+        "builtin:python-docs or builtin:python-license",
     )
     text_field: str = Field("text", description="JSON key / dataset column with the text")
     context_length: int = Field(256, ge=2, description="tokens per packed context")

@@ -8,6 +8,7 @@ the SAE recovers it (MMCS and the fraction of atoms found at cosine >= 0.9).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -70,16 +71,17 @@ class AliasTable:
             keep[s], alias[s] = scaled[s], g
             scaled[g] -= 1.0 - scaled[s]
             (small if scaled[g] < 1.0 else large).append(g)
-        self.keep = torch.tensor(keep, dtype=torch.float64)  # leftovers are exactly 1 (rounding)
-        self.alias = torch.tensor(alias, dtype=torch.long)
+        self.keep = np.array(keep)  # leftovers are exactly 1 (up to rounding)
+        self.alias = np.array(alias, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.keep)
 
-    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        u = torch.rand(*shape, generator=generator, dtype=torch.float64) * len(self)
-        bins = u.long().clamp_max_(len(self) - 1)
-        return torch.where(u - bins < self.keep[bins], bins, self.alias[bins])
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> np.ndarray:
+        """I.i.d. indices of ``shape``; the randomness comes from ``generator``."""
+        u = torch.rand(*shape, generator=generator, dtype=torch.float64).numpy() * len(self)
+        bins = np.minimum(u.astype(np.int64), len(self) - 1)
+        return np.where(u - bins < self.keep[bins], bins, self.alias[bins])
 
 
 def draw_distinct(table: AliasTable, n: int, k: int, generator: torch.Generator) -> Tensor:
@@ -98,14 +100,15 @@ def draw_distinct(table: AliasTable, n: int, k: int, generator: torch.Generator)
         k: distinct items per row.
         generator: the source of randomness; the result is a function of its state.
     """
-    out = torch.empty(n, k, dtype=torch.long)
-    found = torch.zeros(n, dtype=torch.long)  # distinct values found so far, per row
-    seen = torch.zeros(n, len(table), dtype=torch.bool)
-    todo = torch.arange(n)
+    # NumPy: the loop's many small gathers and scatters would each enter a torch parallel region.
+    out = np.empty((n, k), dtype=np.int64)
+    found = np.zeros(n, dtype=np.int64)  # distinct values found so far, per row
+    seen = np.zeros((n, len(table)), dtype=bool)
+    todo = np.arange(n)
     extra = max(8, k // 2)
     while len(todo):
         block = table.draw((len(todo), k + extra), generator)
-        local = torch.arange(len(todo))
+        local = np.arange(len(todo))
         for column in block.T:  # in draw order: the first k distinct values are kept
             new = ~seen[local, column] & (found[todo] < k)
             seen[local, column] = True
@@ -115,7 +118,7 @@ def draw_distinct(table: AliasTable, n: int, k: int, generator: torch.Generator)
         more = found[todo] < k
         todo, seen = todo[more], seen[more]
         extra = 2 * extra
-    return out
+    return torch.from_numpy(out)
 
 
 class SparseGenerativeModel:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sae_lightning.errors import ConfigError
 
-BUILTIN = {"builtin:python-docs"}
+BUILTIN = {"builtin:python-docs", "builtin:python-license"}
 """Corpora generated on the fly (see :mod:`sae_lightning.lm.corpus`)."""
 
 
@@ -63,7 +63,8 @@ def read_documents(
     Args:
         sources: ``.txt`` files (one document each), ``.jsonl`` files (one document per line,
             in ``text_field``), folders of those, globs, a folder saved by
-            ``datasets.Dataset.save_to_disk``, or ``builtin:python-docs``.
+            ``datasets.Dataset.save_to_disk``, ``builtin:python-docs`` or
+            ``builtin:python-license``.
         text_field: the JSON key (or dataset column) holding the text.
 
     Raises:
@@ -72,9 +73,7 @@ def read_documents(
     docs: list[str] = []
     for source in sources:
         if source in BUILTIN:
-            from sae_lightning.lm.corpus import python_docs
-
-            docs += python_docs()
+            docs += _builtin(source, field)
             continue
         expanded = str(Path(source).expanduser())
         paths = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else []
@@ -85,6 +84,17 @@ def read_documents(
     if not docs:
         raise ConfigError(field, f"{list(sources)} hold no text", "point it at .txt files")
     return docs
+
+
+def _builtin(source: str, field: str) -> list[str]:
+    from sae_lightning.lm.corpus import python_docs, python_license
+
+    if source == "builtin:python-docs":
+        return python_docs()
+    try:
+        return python_license()
+    except FileNotFoundError as error:
+        raise ConfigError(field, f"{source}: {error}", "name a text file instead") from None
 
 
 def _read_path(path: Path, text_field: str, field: str) -> list[str]:
