@@ -46,6 +46,7 @@ def recipe(tmp_path, *extra):
             ("data.batch_size", "128"),
             ("data.val_samples", "128"),
             ("model.d_sae", "64"),
+            ("model.optimizer.warmup_steps", "1"),
             ("trainer.max_steps", "20"),
             ("trainer.val_check_interval", "20"),
             ("trainer.enable_progress_bar", "false"),
