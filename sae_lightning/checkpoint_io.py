@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from sae_lightning.io import atomic_write
+from sae_lightning.atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -175,7 +175,7 @@ def build_run(
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
     module = module_factory(recipe, getattr(datamodule, "d_in", None))
-    from sae_lightning.callbacks.dashboard import monitoring_callbacks
+    from sae_lightning.callbacks.monitoring import monitoring_callbacks
 
     callbacks: list[pl.Callback] = [
         checkpoint_callback(recipe),

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_lightning.errors import SaeLightningError
-from sae_lightning.io import CONFIG_KEY, atomic_write, export_sae, load_sae, write_metrics
+from sae_lightning.atomic import atomic_write
+from sae_lightning.io import CONFIG_KEY, export_sae, load_sae, write_metrics
 from sae_lightning.sae import SparseAutoencoder
 
 
@@ -109,7 +110,7 @@ def test_load_missing_files_is_explained(tmp_path):
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path) -> None:
     import os
 
-    from sae_lightning.io import atomic_write_text
+    from sae_lightning.atomic import atomic_write_text
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")

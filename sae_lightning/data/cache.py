@@ -34,7 +34,7 @@ from torch import Tensor
 from sae_lightning.data.normalization import NormStats, norm_stats
 from sae_lightning.data.stream import seeded_generator
 from sae_lightning.errors import ConfigError, SaeLightningError
-from sae_lightning.io import atomic_write, atomic_write_text
+from sae_lightning.atomic import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -366,7 +366,7 @@ def write_cache(dm: ActivationDataModule, console: Console) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from safetensors.torch import save
 
-    from sae_lightning import __version__
+    from sae_lightning._version import __version__
 
     c = dm.config
     if c.cache_dir is None:
