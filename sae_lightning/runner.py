@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
-from sae_lightning.checkpoint_io import AtomicCheckpointIO
+from sae_lightning.checkpoint_io import AtomicCheckpointIO, check_resume_shapes
 from sae_lightning.config import RecipeConfig, split_spec
 from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
@@ -286,6 +286,8 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
             "--ckpt_path", f"file {ckpt_path!r} not found", "pass 'last' or a .ckpt path"
         )
     run = build_run(recipe, version=version)
+    if resolved is not None:
+        check_resume_shapes(run.module, resolved)
     preflight(run)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resolved)
     if run.trainer.interrupted:

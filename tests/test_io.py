@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sae_lightning.errors import SaeLightningError
 from sae_lightning.atomic import atomic_write
+from sae_lightning.errors import SaeLightningError
 from sae_lightning.io import CONFIG_KEY, export_sae, load_sae, write_metrics
 from sae_lightning.sae import SparseAutoencoder
 

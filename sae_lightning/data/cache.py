@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae_lightning.atomic import atomic_write, atomic_write_text
 from sae_lightning.data.normalization import NormStats, norm_stats
 from sae_lightning.data.stream import seeded_generator
 from sae_lightning.errors import ConfigError, SaeLightningError
-from sae_lightning.atomic import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -136,6 +136,16 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as fh:
         size = struct.unpack("<Q", fh.read(8))[0]
         return json.loads(fh.read(size)), 8 + size
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether ``path`` is as long as its safetensors header says (a cheap truncation check)."""
+    try:
+        header, start = _header(path)
+    except (struct.error, ValueError):
+        return False
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    return path.stat().st_size >= start + max(ends, default=0)
 
 
 def map_tensor(path: Path, name: str) -> Tensor:
@@ -257,6 +267,12 @@ def open_cache(path: Path, *, expect: dict[str, Any], verify: bool, field: str) 
             raise CacheCorruptError(
                 f"cache shard {file} listed in {path / MANIFEST} is missing; "
                 f"re-run `{CACHE_COMMAND}` to rewrite it"
+            )
+        if not verify and not _whole_safetensors(file):
+            raise CacheCorruptError(
+                f"cache shard {file} is shorter than its header says (a truncated copy?); "
+                f"delete it and re-run `{CACHE_COMMAND}`, or set {field.rsplit('.', 1)[0]}"
+                ".verify_checksums: true to check every shard"
             )
         if verify and sha256_file(file) != shard["sha256"]:
             raise CacheCorruptError(

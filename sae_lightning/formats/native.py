@@ -98,7 +98,7 @@ def missing_plugin_message(config: dict[str, Any], where: str) -> str | None:
 def load_native(
     base: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> torch.nn.Module:
-    """Load a folder written by :func:`export_sae`, in the file's dtype unless ``dtype`` is given."""
+    """Load a folder written by :func:`export_sae`, in the file's dtype or ``dtype``."""
     from sae_lightning.sae import SparseAutoencoder
 
     weights_path, config = read_native_config(base)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.formats.common import (
     AffineSAE,
     FormatError,
@@ -30,7 +31,6 @@ from sae_lightning.formats.common import (
     read_sae_directory,
     weights_dtype,
 )
-from sae_lightning.atomic import atomic_path, atomic_write_text
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"

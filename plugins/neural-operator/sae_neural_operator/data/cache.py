@@ -29,8 +29,8 @@ from typing import Any
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from sae_lightning.data.cache import sha256_file
 from sae_lightning.atomic import atomic_write, atomic_write_text
+from sae_lightning.data.cache import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
