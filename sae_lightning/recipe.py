@@ -126,8 +126,12 @@ def load_recipe(
     for key, text in overrides:
         apply_override(data, key, parse_value(text))
     recipe = validate_model(RecipeConfig, data, "")
-    recipe.trainer = check_trainer_args(recipe.trainer)
+    # The model's plugins and variants first: checking them imports no Lightning, so most bad
+    # recipes are answered in the time it takes to import torch.
+    for role, group in _PLUGIN_ROLES:
+        _check_plugin(group, getattr(recipe.model, role), f"model.{role}")
     variant_models(recipe)  # validate now, so a bad variant fails before any data is built
+    recipe.trainer = check_trainer_args(recipe.trainer)
     return recipe
 
 
