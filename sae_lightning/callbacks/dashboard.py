@@ -30,8 +30,8 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout: ``{category: {chart title: ["Multiline", [tag regexes]]}}``.
 
     Charts list regular expressions, so loss terms and dead-fraction windows added by plugins
-    or recipes appear without changing the layout. CE-recovered and KL charts stay empty until
-    a data module logs ``val/ce_*`` or ``val/kl_*`` (language-model runs).
+    or recipes appear without changing the layout. The CE-recovered / KL chart shows the ``e2e/*`` tags
+    of the ``e2e_kl`` callback (language-model runs) and stays empty without it.
     """
     return {
         "loss": {
@@ -52,7 +52,7 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
                 "Multiline",
                 _tags("val/mmcs", "val/recovered_frac"),
             ],
-            "CE recovered / KL (language models)": ["Multiline", _tags(r"val/ce_.+", r"val/kl_.+")],
+            "CE recovered / KL (language models)": ["Multiline", _tags(r"e2e/.+")],
         },
         "throughput": {
             "tokens per second": ["Multiline", _tags("throughput/tokens_per_s")],
