@@ -108,7 +108,8 @@ def coarse_eval_file(tmp: Path) -> None:
         "name: coarse\ndata: {name: pde_fields, equation: file, path: "
         + str(tmp / "fields.pt")
         + ", resolution: 9, eval_resolutions: [17], val_samples: 2, batch_size: 2}\n"
-        "model: {d_sae: 16, encoder: sae_mlp, decoder: sae_mlp, sparsity: {name: topk, k: 2}}\n"
+        "model: {d_sae: 16, encoder: {name: fno, modes: [2, 2]}, decoder: fno, "
+        "sparsity: {name: joint_topk, k: 2}}\n"
         "trainer: {max_steps: 2, accelerator: cpu}\n",
     )
 
