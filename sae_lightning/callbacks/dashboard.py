@@ -30,8 +30,8 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout: ``{category: {chart title: ["Multiline", [tag regexes]]}}``.
 
     Charts list regular expressions, so loss terms and dead-fraction windows added by plugins
-    or recipes appear without changing the layout. The CE-recovered / KL chart shows the ``e2e/*`` tags
-    of the ``e2e_kl`` callback (language-model runs) and stays empty without it.
+    or recipes appear without changing the layout. The CE-recovered / KL chart shows the
+    ``e2e/*`` tags of the ``e2e_kl`` callback (language-model runs), empty without it.
     """
     return {
         "loss": {
