@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
+from sae_lightning.callbacks.last_validation import LastValidation
 from sae_lightning.checkpoint_io import AtomicCheckpointIO, check_resume_shapes
 from sae_lightning.config import RecipeConfig, split_spec
 from sae_lightning.data.normalization import fold_input_scale
@@ -182,6 +183,7 @@ def build_run(
         LearningRateMonitor(logging_interval="step"),
         ReferenceMetrics(),
         NonFiniteGuard(),
+        LastValidation(),
         *monitoring_callbacks(),
     ]
     trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
@@ -296,8 +298,9 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
 
 
 def finish(run: Run) -> dict[str, float]:
-    """Validate once more, fill TensorBoard's hparams tab with the recipe and the final metrics,
-    then write ``metrics.json`` and export the SAE into the run folder.
+    """Validate once more (unless fit's last step was validated), fill TensorBoard's hparams
+    tab with the recipe and the final metrics, then write ``metrics.json`` and export the SAE
+    into the run folder.
 
     A multi-SAE run's ``metrics.json`` holds every SAE's metrics (``<name>/val/fvu``...); each
     SAE is exported to ``<run folder>/<name>/`` with its own ``metrics.json``, unprefixed.
@@ -309,8 +312,12 @@ def finish(run: Run) -> dict[str, float]:
         for k, v in run.trainer.callback_metrics.items()
         if k.startswith("train/") or (k.startswith(prefixes) and "/train/" in k)
     }
-    results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
-    metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
+    recorded = next((c for c in run.trainer.callbacks if isinstance(c, LastValidation)), None)
+    results = recorded.at(run.trainer.global_step) if recorded is not None else None
+    if results is None:  # the last step was not validated during fit
+        validated = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+        results = {k: float(v) for k, v in validated[0].items()}
+    metrics = {**train_metrics, **results}
     metrics["trainer/global_step"] = float(run.trainer.global_step)
     from sae_lightning.callbacks.dashboard import log_final_hparams
 
