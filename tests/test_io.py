@@ -103,7 +103,7 @@ def test_weights_without_embedded_config_fall_back_to_the_json(tmp_path):
 
 
 def test_load_missing_files_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sae\.safetensors not found"):
+    with pytest.raises(FileNotFoundError, match=r"holds no SAE: expected sae\.safetensors"):
         load_sae(tmp_path)
 
 
