@@ -168,7 +168,7 @@ def next_steps(run_dir: Path, output_dir: Path) -> str:
     """The run folder and copy-paste commands to load, report on, export and monitor it."""
     cli = executable("sae-lightning")
     folder = shlex.quote(str(run_dir))
-    load = f"from sae_lightning import load_sae; sae = load_sae({str(run_dir)!r})"
+    load = f"from sae_lightning import load_sae; sae = load_sae({json.dumps(str(run_dir))})"
     return "\n".join(
         [
             f"Run folder: {run_dir}",
