@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(rest[0], "unexpected argument for `plugins`")
             return _plugins(args.json, args.strict)
         return _train_or_validate(args, rest)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except NonFiniteError as err:  # the run diverged: not a bad input
         _report(err)
         return 1
