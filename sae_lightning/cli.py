@@ -22,7 +22,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from sae_lightning.commands import COMMAND_MODULES
 from sae_lightning.errors import ConfigError, NonFiniteError, SaeLightningError
@@ -54,8 +54,16 @@ def split_overrides(tokens: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in the CLI's own two-line form (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}\n  fix: see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sae-lightning",
         description="Train sparse autoencoders from YAML recipes. Any recipe field can be "
         "overridden as --<dotted.field> <value>, e.g. --model.sparsity.k 16.",
