@@ -78,7 +78,7 @@ def native_sae_with_missing_plugin(tmp: Path) -> None:
 
 def truncated_cache(tmp: Path) -> None:
     """An activation cache whose training shard lost its tail (verify_checksums off)."""
-    from sae_lightning.data.cache import FORMAT_VERSION, MANIFEST
+    from sae_lightning.data.cache_format import FORMAT_VERSION, MANIFEST
 
     cache = tmp / "cache"
     cache.mkdir()
