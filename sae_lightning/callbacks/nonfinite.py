@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from sae_lightning.cadence import logs_step
 from sae_lightning.errors import NonFiniteError
+from sae_lightning.gather import gather_ranks
 
 _CAUSES = {
     "reconstruction": "inputs with NaN/Inf or huge norms, or a learning rate that is too high",
@@ -163,10 +164,7 @@ class NonFiniteGuard(pl.Callback):
         record = self._record
         flags = record.packed() if record is not None else extremes.new_full((1,), -1).double()
         packed = torch.cat([weights_ok.to(flags.device), flags])
-        if trainer.world_size > 1:
-            gathered = trainer.strategy.all_gather(packed).reshape(trainer.world_size, -1)
-        else:
-            gathered = packed.unsqueeze(0)
+        gathered = gather_ranks(packed)  # (world, 1 + 1 + 2 n_terms)
         host: list[list[float]] = gathered.tolist()  # the one host read of this check
         if all(rank[0] == 1 and rank[1] < 0 for rank in host):
             return
