@@ -121,9 +121,11 @@ class ExpanderEncoder(Encoder):
         state["_last"] = (_dead_ref, _dead_ref)  # weak references cannot be pickled
         return state
 
-    def weight(self) -> Tensor | None:
-        """None: the encoder is sparse; :meth:`dense_weight` builds the matrix when needed."""
-        return None
+    trains_through_affine = False  # affine() builds the dense matrix: export only
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """The dense ``(W_enc, b_enc)`` (built by :meth:`dense_weight`), for export only."""
+        return self.dense_weight(), self.b_enc.detach()
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:

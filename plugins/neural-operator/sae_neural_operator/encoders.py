@@ -10,7 +10,7 @@ keeping frequencies ``|k| < M``. Two kinds of output:
 * concept maps ``(B, p, *grid)`` (``fno``, ``lifted_fno``, ``cnn``): one function ``z_j`` per
   concept, saying where and how strongly concept ``j`` is expressed.
 
-All encoders set ``functional = True`` and ``center_input = False`` and have no ``weight()`` (so
+All encoders set ``functional = True`` and ``center_input = False`` and have no ``affine()`` (so
 the core never takes its fused linear path). Input centring by ``b_dec`` is omitted: ``b_dec`` is a
 constant per channel and the encoder bias absorbs its effect.
 """
@@ -51,9 +51,6 @@ class FunctionEncoder(Encoder):
     functional = True
     center_input = False
     kind: ClassVar[str] = "function"
-
-    def weight(self) -> Tensor | None:
-        return None
 
     def _lift(self, x: Tensor) -> Tensor:
         return x
