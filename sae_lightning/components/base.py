@@ -10,6 +10,7 @@ end let a plugin compute batch statistics over the global batch when it trains u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
@@ -137,8 +138,11 @@ class Plugin:
     Config: ClassVar[type[PluginConfig]] = PluginConfig
     state_version: ClassVar[int] = 1
     """Bump when the meaning or layout of the plugin's state changes; an older checkpoint then
-    loads only through a ``migrate_state(state, from_version) -> state`` classmethod
-    (see :mod:`sae_lightning.versioning`)."""
+    loads only through :attr:`migrate_state` (see :mod:`sae_lightning.versioning`)."""
+    migrate_state: ClassVar[Callable[[dict[str, Tensor], int], dict[str, Tensor]] | None] = None
+    """Optional classmethod ``migrate_state(state, from_version) -> state``: the plugin's state
+    dict (keys relative to the plugin) written at ``from_version``, rewritten for
+    :attr:`state_version`. None (the default): older checkpoints are refused."""
 
 
 class Encoder(Plugin, nn.Module):
