@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -24,7 +24,7 @@ from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
-from sae_lightning.module import SAEModule, as_tensor
+from sae_lightning.module import SAEModule, TrainsSAEs, as_tensor
 from sae_lightning.multi import MultiSAEModule
 from sae_lightning.recipe import TRAINER_DEFAULTS, resolved_recipe, variant_models
 from sae_lightning.registry import registry
@@ -33,21 +33,28 @@ from sae_lightning.spec import SAESpec
 __all__ = ["TRAINER_DEFAULTS", "Run", "build_run", "finish", "fit", "fit_many", "resolved_recipe"]
 
 
-class TrainsSAEs(Protocol):
-    """What the runner needs of the module it trains (:class:`SAEModule` and
-    :class:`~sae_lightning.multi.MultiSAEModule` both are one)."""
+@runtime_checkable
+class DeclaresWidth(Protocol):
+    """A data module that knows the width of its activations before any batch."""
 
-    takes_token_batches: bool
+    @property
+    def d_in(self) -> int: ...
 
-    def members(self) -> dict[str, SAEModule]: ...
 
-    def configure_data_module(self, datamodule: pl.LightningDataModule) -> None: ...
+@runtime_checkable
+class ScalesInputs(Protocol):
+    """A data module that multiplies activations by ``scale`` (normalisation); the export
+    folds it into the SAE, which then takes raw activations."""
+
+    @property
+    def scale(self) -> float: ...
 
 
 ModuleFactory = Callable[[RecipeConfig, "int | None"], pl.LightningModule]
 """Builds the LightningModule of a recipe from the recipe and the data's width (None when the
 data does not declare one). The module trains one SAE (:class:`SAEModule`) or several
-(:class:`~sae_lightning.multi.MultiSAEModule`); it must be a :class:`TrainsSAEs`."""
+(:class:`~sae_lightning.multi.MultiSAEModule`); it must be a
+:class:`~sae_lightning.module.TrainsSAEs`."""
 
 
 @dataclass
@@ -67,7 +74,13 @@ class Run:
 
     @property
     def trains(self) -> TrainsSAEs:
-        return self.module  # type: ignore[return-value]
+        """The module, as the SAE trainer the runner needs (see :data:`ModuleFactory`)."""
+        if not isinstance(self.module, TrainsSAEs):
+            raise TypeError(
+                f"{type(self.module).__name__} does not train SAEs: it needs members(), "
+                "takes_token_batches and configure_data_module() (see module.TrainsSAEs)"
+            )
+        return self.module
 
     @property
     def run_dir(self) -> Path:
@@ -230,7 +243,8 @@ def build_run(
     resolved = resolved_recipe(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
-    module = module_factory(recipe, getattr(datamodule, "d_in", None))
+    width = datamodule.d_in if isinstance(datamodule, DeclaresWidth) else None
+    module = module_factory(recipe, width)
     from sae_lightning.callbacks.dashboard import monitoring_callbacks
 
     callbacks: list[pl.Callback] = [
@@ -369,7 +383,8 @@ def finish(run: Run) -> dict[str, float]:
         write_metrics(run.run_dir / METRICS_FILE, metrics)
         # Data modules that normalise activations expose `scale`; fold it into the export so the
         # exported SAE takes raw activations.
-        scale = float(getattr(run.datamodule, "scale", 1.0))
+        data = run.datamodule
+        scale = float(data.scale) if isinstance(data, ScalesInputs) else 1.0
         for name, member in saes.items():
             sae = eager_sae(member.sae)
             sae = fold_input_scale(sae, scale) if scale != 1.0 else sae

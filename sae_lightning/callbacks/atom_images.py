@@ -17,6 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from sae_lightning.callbacks.dashboard import tensorboard_loggers
+from sae_lightning.module import TrainsSAEs
 
 TAG = "val/atoms_vs_true_cosine"
 
@@ -80,7 +81,8 @@ class AtomImages(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         loggers = tensorboard_loggers(trainer)
-        sae = getattr(pl_module, "sae", None)
+        members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
+        sae = members[""].sae if "" in members else None  # one SAE: a multi-SAE run has none
         true = reference_atoms(trainer.datamodule) if loggers and sae is not None else None
         if true is None:
             return

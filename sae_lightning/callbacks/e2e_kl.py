@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
+from sae_lightning.module import TrainsSAEs
 
 
 class E2EKLConfig(PluginConfig):
@@ -54,7 +55,9 @@ class E2EKLEvaluation(pl.Callback):
     @staticmethod
     def _language_data(trainer: pl.Trainer) -> Any:
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "language_model"):
+        from sae_lightning.lm.e2e_module import LanguageModelData
+
+        if not isinstance(datamodule, LanguageModelData):
             raise ConfigError(
                 "callbacks.e2e_kl",
                 f"needs language-model data, but the data module is {type(datamodule).__name__}",
@@ -78,7 +81,7 @@ class E2EKLEvaluation(pl.Callback):
         vocab = int(lm.model.get_output_embeddings().weight.shape[0])
         chunk = memory_chunk(self.config.memory_budget_mb * 2**20, ids.shape[1], vocab)
         results: dict[str, Tensor] = {}
-        members = pl_module.members() if hasattr(pl_module, "members") else {"": pl_module}
+        members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
         for prefix, member in members.items():
             sae = member.sae
             was_training = sae.training

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
+
+from sae_lightning.module import TrainsSAEs
+
+
+@runtime_checkable
+class ReferenceData(Protocol):
+    """A data module that can score an SAE against what it knows (e.g. the true atoms)."""
+
+    def reference_metrics(self, sae: torch.nn.Module) -> dict[str, float]:
+        """``{name: value}``, logged as ``val/<name>``."""
+        ...
 
 
 class ReferenceMetrics(pl.Callback):
@@ -18,10 +32,10 @@ class ReferenceMetrics(pl.Callback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
-        report = getattr(datamodule, "reference_metrics", None)
-        if report is None or trainer.sanity_checking:
+        if not isinstance(datamodule, ReferenceData) or trainer.sanity_checking:
             return
-        members = pl_module.members() if hasattr(pl_module, "members") else {"": pl_module}
+        report = datamodule.reference_metrics
+        members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
         for name, member in members.items():
             prefix = f"{name}/" if name else ""
             for key, value in report(member.sae).items():

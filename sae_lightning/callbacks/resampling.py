@@ -46,7 +46,7 @@ from typing_extensions import override
 from sae_lightning.components.base import Touched, supports_resampling
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
-from sae_lightning.module import as_tensor
+from sae_lightning.module import TrainsSAEs, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +155,14 @@ class DeadFeatureResampler(pl.Callback):
         self._is_zero = trainer.is_global_zero
         if stage != "fit":
             return
-        members = getattr(pl_module, "members", None)
-        if members is None:
+        if not isinstance(pl_module, TrainsSAEs):
             raise ConfigError(
                 "callbacks",
                 f"the resampler needs a module with members() (SAEModule or MultiSAEModule); "
                 f"got {type(pl_module).__name__}",
                 "remove the resampler callback, or train an SAEModule",
             )
-        for name, member in members().items():
+        for name, member in pl_module.members().items():
             missing = supports_resampling(member.sae.encoder, member.sae.decoder)
             if missing:
                 where = f" (SAE '{name}')" if name else ""

@@ -47,14 +47,19 @@ class E2ETarget:
 
 
 @runtime_checkable
-class TokenBatchData(Protocol):
+class LanguageModelData(Protocol):
+    """A data module whose activations come from a language model it can hand out."""
+
+    def language_model(self) -> Any:
+        """The LM the activations come from (an ``LMHandle``: model, hooks, io, scale)."""
+
+
+@runtime_checkable
+class TokenBatchData(LanguageModelData, Protocol):
     """A data module that can train on token batches: what e2e training needs of its data."""
 
     def use_token_batches(self) -> None:
         """Make the training loader yield ``(ids, keep)`` token batches instead of activations."""
-
-    def language_model(self) -> Any:
-        """The LM the activations come from (an ``LMHandle``: model, hooks, io, scale)."""
 
 
 def use_token_batches(datamodule: Any) -> None:
