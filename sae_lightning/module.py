@@ -199,7 +199,8 @@ class SAEModule(pl.LightningModule):
                 "model.loss.mode",
                 f"is {self.loss_config.mode!r}, but {type(self).__name__} trains "
                 f"{' or '.join(self.loss_modes)}",
-                "build the module with runner.build_sae_module, which picks the class",
+                f"set it to {' or '.join(self.loss_modes)} (variants train locally only), or "
+                "let sae-lightning fit pick the module for the mode",
             )
         spec = SAESpec(d_in, d_sae, encoder, decoder, sparsity)
         self.sae = SparseAutoencoder.from_spec(spec)
