@@ -225,6 +225,11 @@ class SAEModule(pl.LightningModule):
         """Adapt ``datamodule`` to this module's training batches before its setup (default:
         nothing; the e2e module switches language-model data to token batches)."""
 
+    def gathered_sae(self) -> SparseAutoencoder:
+        """The whole SAE as one module, for export (default: :attr:`sae` itself; a module that
+        shards it gathers it, a collective every rank must call)."""
+        return self.sae
+
     # ---- training -------------------------------------------------------------------------
 
     def dead_mask(self, window_tokens: int | None = None) -> Tensor:

@@ -26,6 +26,11 @@ from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule, TrainsSAEs, as_tensor
 from sae_lightning.multi import MultiSAEModule
+from sae_lightning.parallel.strategy import (
+    check_model_parallel,
+    is_model_parallel,
+    model_parallel_arguments,
+)
 from sae_lightning.recipe import TRAINER_DEFAULTS, resolved_recipe, variant_models
 from sae_lightning.registry import registry
 from sae_lightning.spec import SAESpec
@@ -140,6 +145,10 @@ def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
     """
     model = recipe.model
     module_cls = SAEModule
+    if is_model_parallel(recipe):
+        from sae_lightning.parallel.module import ShardedSAEModule
+
+        module_cls = ShardedSAEModule
     if model.loss.mode != "local":
         from sae_lightning.lm.e2e_module import E2ESAEModule
 
@@ -240,6 +249,7 @@ def build_run(
     Raises:
         ConfigError: for any invalid plugin, parameter or cross-field combination.
     """
+    check_model_parallel(recipe)
     resolved = resolved_recipe(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
@@ -254,7 +264,7 @@ def build_run(
         NonFiniteGuard(),
         *monitoring_callbacks(),
     ]
-    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
+    trainer_args = model_parallel_arguments({**TRAINER_DEFAULTS, **recipe.trainer})
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     for i, spec in enumerate(recipe.callbacks):
@@ -321,8 +331,8 @@ def find_last_checkpoint(recipe: RecipeConfig) -> tuple[Path, int]:
     found: list[tuple[int, Path]] = []
     for d in root.glob("version_*"):
         m = re.fullmatch(r"version_(\d+)", d.name)
-        ckpt = d / "checkpoints" / "last.ckpt"
-        if m and ckpt.is_file():
+        ckpt = d / "checkpoints" / "last.ckpt"  # a folder when sharded (model_parallel)
+        if m and ckpt.exists():
             found.append((int(m.group(1)), ckpt))
     if not found:
         raise ConfigError(
@@ -345,7 +355,7 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
     if ckpt_path == "last":
         path, version = find_last_checkpoint(recipe)
         resolved = str(path)
-    elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+    elif ckpt_path is not None and not os.path.exists(ckpt_path):
         raise ConfigError(
             "--ckpt_path", f"file {ckpt_path!r} not found", "pass 'last' or a .ckpt path"
         )
@@ -372,6 +382,8 @@ def finish(run: Run) -> dict[str, float]:
         if k.startswith("train/") or (k.startswith(prefixes) and "/train/" in k)
     }
     results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    # A sharded SAE is gathered whole for export: a collective, so every rank takes part.
+    exported = {name: member.gathered_sae() for name, member in saes.items()}
     metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
     metrics["trainer/global_step"] = float(run.trainer.global_step)
     from sae_lightning.callbacks.dashboard import log_final_hparams
@@ -386,7 +398,7 @@ def finish(run: Run) -> dict[str, float]:
         data = run.datamodule
         scale = float(data.scale) if isinstance(data, ScalesInputs) else 1.0
         for name, member in saes.items():
-            sae = eager_sae(member.sae)
+            sae = eager_sae(exported[name])
             sae = fold_input_scale(sae, scale) if scale != 1.0 else sae
             folder = run.run_dir / name if name else run.run_dir
             export_sae(sae, folder, plugins=member.plugin_versions, input_scale=scale)
