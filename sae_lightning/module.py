@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import signal
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -104,23 +104,6 @@ def build_optimizer(
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
     }
-
-
-@runtime_checkable
-class TrainsSAEs(Protocol):
-    """What the runner and the callbacks need of a module that trains SAEs
-    (:class:`SAEModule`, the e2e module and :class:`~sae_lightning.multi.MultiSAEModule`)."""
-
-    takes_token_batches: bool
-    """Whether its training batches are token ids rather than activations."""
-
-    def members(self) -> dict[str, SAEModule]:
-        """The SAEs it trains, by log prefix (``""`` for a single-SAE module)."""
-        ...
-
-    def configure_data_module(self, datamodule: pl.LightningDataModule) -> None:
-        """Adapt the data module to its training batches before the data's setup."""
-        ...
 
 
 class StepOutput(NamedTuple):

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -24,13 +24,14 @@ from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
-from sae_lightning.module import SAEModule, TrainsSAEs, as_tensor
+from sae_lightning.module import SAEModule, as_tensor
 from sae_lightning.multi import MultiSAEModule
 from sae_lightning.parallel.strategy import (
     check_model_parallel,
     is_model_parallel,
     model_parallel_arguments,
 )
+from sae_lightning.protocols import DeclaresWidth, ScalesInputs, TrainsSAEs
 from sae_lightning.recipe import TRAINER_DEFAULTS, resolved_recipe, variant_models
 from sae_lightning.registry import registry
 from sae_lightning.spec import SAESpec
@@ -38,28 +39,11 @@ from sae_lightning.spec import SAESpec
 __all__ = ["TRAINER_DEFAULTS", "Run", "build_run", "finish", "fit", "fit_many", "resolved_recipe"]
 
 
-@runtime_checkable
-class DeclaresWidth(Protocol):
-    """A data module that knows the width of its activations before any batch."""
-
-    @property
-    def d_in(self) -> int: ...
-
-
-@runtime_checkable
-class ScalesInputs(Protocol):
-    """A data module that multiplies activations by ``scale`` (normalisation); the export
-    folds it into the SAE, which then takes raw activations."""
-
-    @property
-    def scale(self) -> float: ...
-
-
 ModuleFactory = Callable[[RecipeConfig, "int | None"], pl.LightningModule]
 """Builds the LightningModule of a recipe from the recipe and the data's width (None when the
 data does not declare one). The module trains one SAE (:class:`SAEModule`) or several
 (:class:`~sae_lightning.multi.MultiSAEModule`); it must be a
-:class:`~sae_lightning.module.TrainsSAEs`."""
+:class:`~sae_lightning.protocols.TrainsSAEs`."""
 
 
 @dataclass
@@ -83,7 +67,7 @@ class Run:
         if not isinstance(self.module, TrainsSAEs):
             raise TypeError(
                 f"{type(self.module).__name__} does not train SAEs: it needs members(), "
-                "takes_token_batches and configure_data_module() (see module.TrainsSAEs)"
+                "takes_token_batches and configure_data_module() (see protocols.TrainsSAEs)"
             )
         return self.module
 

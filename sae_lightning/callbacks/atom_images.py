@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from sae_lightning.callbacks.dashboard import tensorboard_loggers
-from sae_lightning.module import TrainsSAEs
+from sae_lightning.protocols import TrainsSAEs
 
 TAG = "val/atoms_vs_true_cosine"
 

@@ -26,7 +26,7 @@ from typing_extensions import override
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import FractionOfVarianceUnexplained
-from sae_lightning.module import TrainsSAEs
+from sae_lightning.protocols import TrainsSAEs
 
 if TYPE_CHECKING:
     from sae_lightning.data.lm_base import LMHandle

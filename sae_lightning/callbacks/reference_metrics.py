@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from sae_lightning.module import TrainsSAEs
+from sae_lightning.protocols import TrainsSAEs
 
 
 @runtime_checkable

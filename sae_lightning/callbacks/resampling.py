@@ -53,7 +53,8 @@ from sae_lightning.callbacks.resampling_init import (
 from sae_lightning.components.base import supports_resampling
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
-from sae_lightning.module import TrainsSAEs, as_tensor
+from sae_lightning.module import as_tensor
+from sae_lightning.protocols import TrainsSAEs
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,9 @@ class ShardedSAEModule(SAEModule):
     def on_validation_epoch_start(self) -> None:
         # The synthetic data's reference metrics and atom images (rank 0 only) read the whole
         # dictionary: gather it here, where every rank takes part. Such dictionaries are small.
-        has_atoms = hasattr(self.trainer.datamodule, "reference_metrics")
+        from sae_lightning.callbacks.reference_metrics import ReferenceData
+
+        has_atoms = isinstance(self.trainer.datamodule, ReferenceData)
         self._atoms = self.sae.decoder.W_dec.detach().full_tensor() if has_atoms else None
 
     # ---- training -------------------------------------------------------------------------
