@@ -58,8 +58,9 @@ class SparseAutoencoder(nn.Module):
         plugins: the registry to build from (the process-wide one by default).
 
     Attributes:
-        fused: use the sparsity plugin's ``fused_encode`` when it has one and the encoder is
-            linear (True by default); False forces the dense reference path.
+        fused: use the encoder's ``fused_sparsify`` when it returns codes, else the sparsity
+            plugin's ``fused_encode`` when it has one and the encoder is linear (True by
+            default); False forces the dense reference path.
 
     Example::
 
@@ -118,9 +119,12 @@ class SparseAutoencoder(nn.Module):
 
     def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
-        fused = self._fused_encode(x, step) if self.fused and x.shape[0] > 0 else None
-        if fused is not None:
-            return fused, None
+        if self.fused and x.shape[0] > 0:
+            # an encoder's own encode-and-select first, then the sparsity plugin's fused path
+            own = self.encoder.fused_sparsify(x, self.sparsity, step=step, decoder=self.decoder)
+            fused = own if own is not None else self._fused_encode(x, step)
+            if fused is not None:
+                return fused, None
         pre_acts = self.pre_activations(x)
         if pre_acts.ndim > 2 and not self.sparsity.functional:
             return self._sparsify_pointwise(pre_acts, step), pre_acts
