@@ -607,7 +607,7 @@ def render_report(runs: Sequence[RunData]) -> str:
 
 def write_report(runs: Sequence[RunData], out: str | os.PathLike[str]) -> Path:
     """Write :func:`render_report` to ``out`` atomically and return its path."""
-    from sae_lightning.io import atomic_write_text
+    from sae_lightning.atomic import atomic_write_text
 
     path = Path(out)
     atomic_write_text(path, render_report(runs))

@@ -27,13 +27,7 @@ PLUGIN_OBJECT = re.compile(
 )
 """Expressions that name a plugin, the SAE, the trained module or the data module."""
 
-ALLOWED = {
-    # The synthetic data's true atoms, read by the atom-image callback until the data module
-    # declares them through a method of its own.
-    ("callbacks/atom_images.py", "datamodule", "'reference_atoms'"),
-    ("callbacks/atom_images.py", "datamodule", "'generative'"),
-    ("callbacks/atom_images.py", "generative", "'atoms'"),
-}
+ALLOWED: set[tuple[str, str, str]] = set()
 """``(file, object, attribute)`` probes still allowed, each with its reason above (at most 3)."""
 
 

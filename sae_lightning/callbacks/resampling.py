@@ -53,6 +53,7 @@ from sae_lightning.callbacks.resampling_init import (
 from sae_lightning.components.base import supports_resampling
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
+from sae_lightning.gather import gather_ranks
 from sae_lightning.module import as_tensor
 from sae_lightning.protocols import TrainsSAEs
 
@@ -215,7 +216,7 @@ class DeadFeatureResampler(pl.Callback):
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor) -> None:
         if trainer.world_size > 1:  # (world, B, d_in) -> (world * B, d_in), global batch order
-            x = pl_module.all_gather(x).reshape(-1, x.shape[-1])
+            x = gather_ranks(x).reshape(-1, x.shape[-1])
         if not trainer.is_global_zero:
             return
         self._chunks.append(x.clone())

@@ -84,9 +84,9 @@ class ShardedSAEModule(SAEModule):
     def on_validation_epoch_start(self) -> None:
         # The synthetic data's reference metrics and atom images (rank 0 only) read the whole
         # dictionary: gather it here, where every rank takes part. Such dictionaries are small.
-        from sae_lightning.callbacks.reference_metrics import ReferenceData
+        from sae_lightning.callbacks.reference_metrics import ReferenceMetricsData
 
-        has_atoms = isinstance(self.trainer.datamodule, ReferenceData)
+        has_atoms = isinstance(self.trainer.datamodule, ReferenceMetricsData)
         self._atoms = self.sae.decoder.W_dec.detach().full_tensor() if has_atoms else None
 
     # ---- training -------------------------------------------------------------------------
