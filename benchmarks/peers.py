@@ -49,7 +49,7 @@ AUXK_WEIGHT = 1 / 32
 """The project's default AuxK weight, given to every contender."""
 
 CONTENDERS: dict[str, tuple[str, str]] = {
-    "project": ("sae-lightning", "fused sparse TopK (kernels/topk_encoder.py)"),
+    "project": ("sae-lightning", "fused sparse TopK (sae_lightning/kernels/)"),
     "project-dense": ("sae-lightning", "dense reference path (sae.fused = False)"),
     "sparsify": ("eai-sparsify", "SparseCoder forward (FusedEncoder) + fvu + auxk"),
     "saelens": ("sae-lens", "TopKTrainingSAE.training_forward_pass, dense"),

@@ -310,11 +310,8 @@ def kernel_timings(args: argparse.Namespace, x: Any, rounds: int) -> dict[str, f
     """
     import torch
 
-    from sae_lightning.kernels.topk_encoder import (
-        _weight_grad_dense_backward,
-        sparse_weight_grad,
-        topk_select,
-    )
+    from sae_lightning.kernels.select import topk_select
+    from sae_lightning.kernels.weight_grad import _weight_grad_dense_backward, sparse_weight_grad
 
     n, k, batch = args.n_latents, args.k, args.batch
     pre = torch.randn(batch, n, device=x.device, dtype=x.dtype)

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import math
 import signal
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from sae_lightning.cadence import logs_step
-from sae_lightning.components.base import Touched, data_parallel_world_size, total_variance_share
+from sae_lightning.components.base import Codes, Touched, total_variance_share
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
+from sae_lightning.errors import ConfigError
 from sae_lightning.functional import (
     as_points,
     is_function_batch,
@@ -37,14 +37,11 @@ from sae_lightning.functional import (
     relative_l2,
     relative_l2_of_residual,
 )
-from sae_lightning.metrics import (
-    FeatureDensity,
-    FractionOfVarianceUnexplained,
-    dead_fraction_key,
-    fvu_of_residual,
-)
-from sae_lightning.registry import GROUPS, registry
+from sae_lightning.metrics import FeatureDensity, FractionOfVarianceUnexplained, dead_fraction_key
+from sae_lightning.registry import registry
 from sae_lightning.sae import SparseAutoencoder
+from sae_lightning.spec import SAESpec
+from sae_lightning.step_metrics import core_metrics, global_step_statistics
 from sae_lightning.versioning import migrate_checkpoint
 
 CHECKPOINT_KEY = "sae_lightning"
@@ -154,7 +151,16 @@ class SAEModule(pl.LightningModule):
         encoder, decoder, sparsity: plugin specs ``{"name": ..., **params}``.
         optimizer: :class:`~sae_lightning.config.OptimizerConfig` fields.
         loss: :class:`~sae_lightning.config.LossConfig` fields.
+
+    Raises:
+        ConfigError: naming ``model.loss.mode`` when the class does not train that mode.
     """
+
+    loss_modes: ClassVar[tuple[str, ...]] = ("local",)
+    """The ``model.loss.mode`` values this module trains."""
+    takes_token_batches: ClassVar[bool] = False
+    """Whether its training batches are token ids rather than activations (the runner's
+    preflight then skips the activation checks of the training loader)."""
 
     def __init__(
         self,
@@ -172,14 +178,18 @@ class SAEModule(pl.LightningModule):
             OptimizerConfig, optimizer, "model.optimizer"
         )
         self.loss_config: LossConfig = validate_model(LossConfig, loss, "model.loss")
-        self.sae = SparseAutoencoder(d_in, d_sae, encoder, decoder, sparsity)
-        self.plugin_versions = {
-            role: _plugin_version(group, spec)
-            for role, group, spec in (
-                ("encoder", "encoders", encoder),
-                ("decoder", "decoders", decoder),
-                ("sparsity", "sparsity", sparsity),
+        if self.loss_config.mode not in self.loss_modes:
+            raise ConfigError(
+                "model.loss.mode",
+                f"is {self.loss_config.mode!r}, but {type(self).__name__} trains "
+                f"{' or '.join(self.loss_modes)}",
+                f"set it to {' or '.join(self.loss_modes)} (variants train locally only), or "
+                "let sae-lightning fit pick the module for the mode",
             )
+        spec = SAESpec(d_in, d_sae, encoder, decoder, sparsity)
+        self.sae = SparseAutoencoder.from_spec(spec)
+        self.plugin_versions = {
+            role: _plugin_version(group, spec) for role, group, spec in spec.roles()
         }
         # Tokens since each latent last fired; part of the checkpoint for exact resume.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
@@ -194,6 +204,15 @@ class SAEModule(pl.LightningModule):
     def members(self) -> dict[str, SAEModule]:
         """The SAEs this module trains, by log prefix (``""``: just this one)."""
         return {"": self}
+
+    def configure_data_module(self, datamodule: pl.LightningDataModule) -> None:
+        """Adapt ``datamodule`` to this module's training batches before its setup (default:
+        nothing; the e2e module switches language-model data to token batches)."""
+
+    def gathered_sae(self) -> SparseAutoencoder:
+        """The whole SAE as one module, for export (default: :attr:`sae` itself; a module that
+        shards it gathers it, a collective every rank must call)."""
+        return self.sae
 
     # ---- training -------------------------------------------------------------------------
 
@@ -240,31 +259,36 @@ class SAEModule(pl.LightningModule):
         diff = x - out.x_hat  # computed once: loss, AuxK residual and metrics share it
         recon = self.reconstruction_loss(x, out.x_hat, diff)
         residual = diff.detach()
-        aux = self.sae.auxiliary_losses(out.pre_acts, x, residual, self.dead_mask())
+        aux = self.sae.auxiliary_losses(out.aux_source, x, residual, self.dead_mask())
         terms = {"reconstruction": recon, **out.penalties, **aux}
         loss = torch.stack([t.float() for t in terms.values()]).sum()
-
-        with torch.no_grad():
-            metrics = {"train/loss": loss.detach()}
-            metrics.update({f"train/loss/{k}": v.detach().float() for k, v in terms.items()})
-            metrics["train/l0"] = out.codes.l0().float().mean()
-            if is_function_batch(x):
-                metrics["train/rel_l2"] = relative_l2_of_residual(x, residual).mean()
-            fire_counts = out.codes.fire_counts()
-            n_tokens: int | Tensor = x.shape[0]
-            world = data_parallel_world_size()
-            if world == 1:
-                metrics["train/fvu"] = fvu_of_residual(as_points(x), as_points(residual))
-            else:
-                metrics, fire_counts, n_tokens = _reduce_over_ranks(
-                    as_points(x), as_points(residual), x.shape[0], metrics, fire_counts, world
-                )
-            self._update_dead_counters(fire_counts, n_tokens)
-            metrics[self.dead_key] = self.dead_mask().float().mean()
+        metrics = core_metrics(loss, terms, out.codes)
+        if is_function_batch(x):
+            metrics["train/rel_l2"] = relative_l2_of_residual(x, residual).mean()
+        metrics = self.finish_step_metrics(
+            metrics, as_points(x), as_points(residual), x.shape[0], out.codes
+        )
         return StepOutput(loss, terms, metrics)
 
-    def log_metrics(self, metrics: dict[str, Tensor], prefix: str = "") -> None:
-        """Log a step's metrics (already global, so no further sync) under ``prefix``.
+    @torch.no_grad()
+    def finish_step_metrics(
+        self, metrics: dict[str, Tensor], x: Tensor, residual: Tensor, n_samples: int, codes: Codes
+    ) -> dict[str, Tensor]:
+        """Global metrics of a step (FVU and the dead fraction added); advances the dead-latent
+        counters. Under DDP every rank must call it (one all-reduce).
+
+        Args:
+            metrics: this rank's metrics (:func:`~sae_lightning.step_metrics.core_metrics`...).
+            x: ``(rows, d_in)`` the SAE's inputs this step; residual: ``x - x_hat``.
+            n_samples: this rank's samples (tokens, or functions).
+            codes: this step's codes.
+        """
+        stats = global_step_statistics(metrics, x, residual, n_samples, codes.fire_counts())
+        self._update_dead_counters(stats.fire_counts, stats.n_samples)
+        return {**stats.metrics, self.dead_key: self.dead_mask().float().mean()}
+
+    def log_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Log a step's metrics (already global, so no further sync).
 
         Only on the steps whose metrics reach the logger (:func:`~sae_lightning.cadence.logs_step`):
         on the others Lightning would drop them, after paying for each ``self.log`` call. None is
@@ -275,7 +299,7 @@ class SAEModule(pl.LightningModule):
         if not logs_step(self.trainer, self.global_step):
             return
         for key, value in metrics.items():
-            self.log(f"{prefix}{key}", value)
+            self.log(key, value)
 
     @torch.no_grad()
     def _update_dead_counters(self, fire_counts: Tensor, n_tokens: int | Tensor) -> None:
@@ -356,16 +380,7 @@ class SAEModule(pl.LightningModule):
             # Already reduced by torchmetrics; sync_dist only averages equal values (and keeps
             # Lightning from warning that epoch-level metrics are unsynchronised).
             self.log(key, value, sync_dist=True)
-        self.log_density_histogram(density)
-
-    def log_density_histogram(self, density: Tensor, prefix: str = "") -> None:
-        """log10 feature density to TensorBoard (rank 0); never-firing latents sit at -10."""
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            self.logger.experiment.add_histogram(
-                f"{prefix}val/feature_density_log10",
-                torch.log10(density.clamp_min(1e-10)).cpu(),
-                self.global_step,
-            )
+        log_density_histogram(self, density)
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -381,49 +396,15 @@ class SAEModule(pl.LightningModule):
         migrate_checkpoint(checkpoint, self.plugin_versions, plugins)
 
 
-@torch.no_grad()
-def _reduce_over_ranks(
-    x: Tensor,
-    residual: Tensor,
-    n_samples: int,
-    metrics: dict[str, Tensor],
-    fire_counts: Tensor,
-    world: int,
-) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """One all-reduce: metric means, the global batch FVU, fire counts and sample count.
-
-    Args:
-        x: ``(rows, d_in)`` this rank's inputs (grid points as rows for function batches).
-        residual: ``x - x_hat`` in the same layout.
-        n_samples: this rank's number of samples (tokens, or functions).
-        metrics: this rank's metric values, averaged over ranks.
-        fire_counts: this rank's ``(d_sae,)`` fire counts, summed over ranks.
-        world: number of ranks.
-
-    Returns:
-        ``(metrics with train/fvu, global fire counts, global number of samples)``.
-    """
-    x64 = x.detach().double()
-    names = list(metrics)
-    n = len(names)
-    packed = torch.cat(
-        [
-            torch.stack([metrics[k].double() for k in names]) / world,
-            residual.detach().double().pow(2).sum().view(1),
-            x64.pow(2).sum().view(1),
-            x64.new_tensor([x.shape[0], n_samples]),
-            fire_counts.double(),
-            x64.sum(dim=0),
-        ]
-    )
-    dist.all_reduce(packed)
-    sq_err, sum_sq, rows, tokens = packed[n], packed[n + 1], packed[n + 2], packed[n + 3]
-    counts = packed[n + 4 : n + 4 + fire_counts.numel()]
-    sum_x = packed[n + 4 + fire_counts.numel() :]
-    total_variance = (sum_sq - sum_x.pow(2).sum() / rows).clamp_min(1e-12)
-    reduced = {k: packed[i].float() for i, k in enumerate(names)}
-    reduced["train/fvu"] = (sq_err / total_variance).float()
-    return reduced, counts.round().long(), tokens.round().long()
+def log_density_histogram(module: pl.LightningModule, density: Tensor, prefix: str = "") -> None:
+    """log10 feature density to TensorBoard (rank 0) under ``<prefix>val/``; never-firing
+    latents sit at -10."""
+    if isinstance(module.logger, TensorBoardLogger) and module.trainer.is_global_zero:
+        module.logger.experiment.add_histogram(
+            f"{prefix}val/feature_density_log10",
+            torch.log10(density.clamp_min(1e-10)).cpu(),
+            module.global_step,
+        )
 
 
 def as_tensor(batch: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
@@ -431,13 +412,12 @@ def as_tensor(batch: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
-def _plugin_version(group: str, spec: PluginSpec) -> dict[str, str]:
+def _plugin_version(group: str, spec: PluginSpec) -> dict[str, Any]:
     name, _ = split_spec(spec, group)
     found = registry.resolve(group, name)
-    assert group in GROUPS
     return {
         "name": found.name,
         "distribution": found.dist,
         "version": found.version,
-        "state_version": int(getattr(registry.get(group, name), "state_version", 1)),
+        "state_version": int(registry.get(group, name).state_version),
     }

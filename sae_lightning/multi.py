@@ -16,34 +16,30 @@ A recipe asks for it with ``variants:``, a list of ``model:`` overrides (docs/mu
       - {name: topk_k4, sparsity: {k: 4}}
       - {name: topk_k8, sparsity: {k: 8}}
 
-and the runner builds this module instead of a single :class:`SAEModule`; from Python,
-:func:`fit_many` does the same with a ``{name: overrides}`` mapping.
+and the runner builds this module instead of a single :class:`SAEModule`
+(:func:`~sae_lightning.runner.build_multi_module`); from Python,
+:func:`~sae_lightning.runner.fit_many` does the same with a ``{name: overrides}`` mapping.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from sae_lightning.cadence import logs_step
-from sae_lightning.config import RecipeConfig
 from sae_lightning.errors import ConfigError
-from sae_lightning.io import export_sae
 from sae_lightning.module import (
     CHECKPOINT_KEY,
     SAEModule,
     as_tensor,
     build_optimizer,
+    log_density_histogram,
     terminate_ranks_on_error,
 )
-from sae_lightning.recipe import SAE_NAME, variant_models
-from sae_lightning.runner import compile_sae, fit, member_metrics, resolve_widths
+from sae_lightning.recipe import SAE_NAME
 
 
 class MultiSAEModule(pl.LightningModule):
@@ -87,9 +83,15 @@ class MultiSAEModule(pl.LightningModule):
             )
         self.saes = nn.ModuleDict(members)
 
+    takes_token_batches: ClassVar[bool] = False
+    """Its members train on activations (local mode)."""
+
     def members(self) -> dict[str, SAEModule]:
         """The SAEs, by name."""
         return dict(self.saes.items())
+
+    def configure_data_module(self, datamodule: pl.LightningDataModule) -> None:
+        """Nothing to adapt: every member trains on the data's activation batches."""
 
     # ---- training -------------------------------------------------------------------------
 
@@ -155,14 +157,9 @@ class MultiSAEModule(pl.LightningModule):
             results, density = member.validation_results()
             for key, value in results.items():
                 self.log(f"{name}/{key}", value, sync_dist=True)  # equal on all ranks
-            if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-                self.logger.experiment.add_histogram(
-                    f"{name}/val/feature_density_log10",
-                    torch.log10(density.clamp_min(1e-10)).cpu(),
-                    self.global_step,
-                )
+            log_density_histogram(self, density, prefix=f"{name}/")
 
-    # ---- checkpoints and export -----------------------------------------------------------
+    # ---- checkpoints -----------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from sae_lightning._version import __version__
@@ -170,13 +167,6 @@ class MultiSAEModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "version": __version__,
             "plugins": {name: m.plugin_versions for name, m in self.saes.items()},
-        }
-
-    def export(self, directory: str | Path) -> dict[str, Path]:
-        """Export each SAE to ``<directory>/<name>/`` (loadable with ``load_sae``)."""
-        return {
-            name: export_sae(m.sae, Path(directory) / name, plugins=m.plugin_versions)
-            for name, m in self.saes.items()
         }
 
 
@@ -187,82 +177,3 @@ def _check_name(name: str) -> None:
             "is not a valid SAE name",
             "use letters, digits, '_', '.' and '-' (it becomes a log prefix and a folder)",
         )
-
-
-def build_multi_module(recipe: RecipeConfig, data_d_in: int | None) -> MultiSAEModule:
-    """A :class:`MultiSAEModule` of the recipe's ``variants`` (the runner's module factory for
-    recipes that list them); each variant is compiled when its ``compile`` is set.
-
-    Raises:
-        ConfigError: naming ``variants.<N>.<field>``.
-    """
-    models = variant_models(recipe)
-    index = {name: i for i, name in enumerate(models)}
-    saes = {}
-    for name, model in models.items():
-        try:
-            d_in, d_sae = resolve_widths(recipe.model_copy(update={"model": model}), data_d_in)
-        except ConfigError as err:  # model.<field> -> variants.<N>.<field>
-            raise _under_variant(err, index[name]) from None
-        saes[name] = {
-            "d_in": d_in,
-            "d_sae": d_sae,
-            "encoder": model.encoder,
-            "decoder": model.decoder,
-            "sparsity": model.sparsity,
-            "optimizer": model.optimizer.model_dump(),
-            "loss": model.loss.model_dump(),
-        }
-    try:
-        module = MultiSAEModule(saes, seed=recipe.seed)
-    except ConfigError as err:  # saes.<name>.model.<field> -> variants.<N>.<field>
-        found = re.match(r"^saes\.([^.]+)\.(.*)$", err.field)
-        if found is None or found.group(1) not in index:
-            raise
-        inner = ConfigError(found.group(2), err.message, err.fix)
-        raise _under_variant(inner, index[found.group(1)]) from None
-    for name, model in models.items():
-        if model.compile:
-            compile_sae(module.saes[name].sae)
-    return module
-
-
-def _under_variant(err: ConfigError, i: int) -> ConfigError:
-    field = re.sub(r"^model\.?", "", err.field)
-    return ConfigError(f"variants.{i}.{field}" if field else f"variants.{i}", err.message, err.fix)
-
-
-def fit_many(
-    recipe: RecipeConfig,
-    variants: dict[str, dict[str, Any]] | None = None,
-    *,
-    ckpt_path: str | None = None,
-) -> dict[str, dict[str, float]]:
-    """Train every variant of ``recipe`` at once on its data; export each SAE separately.
-
-    The same as ``sae-lightning fit`` on a recipe with ``variants:``: the run folder
-    ``<output_dir>/<name>/version_N/`` holds the TensorBoard events, the checkpoints and
-    ``metrics.json`` of all SAEs (keys ``<variant>/val/fvu``...), and one folder per variant
-    with its ``sae.safetensors``, ``sae_config.json`` and ``metrics.json``. The recipe's
-    ``trainer:`` and ``callbacks:`` (e.g. the resampler) apply to all SAEs.
-
-    Args:
-        recipe: a validated recipe; its ``model`` is the base of every variant.
-        variants: variant name -> partial ``model:`` mapping, e.g. ``{"sparsity": {"k": 8}}``;
-            None: the recipe's own ``variants``.
-        ckpt_path: ``"last"`` or a checkpoint of the same variants to resume from.
-
-    Returns:
-        ``{variant: {"val/fvu": ..., "train/loss": ...}}``.
-
-    Raises:
-        ConfigError: no variants, or one naming ``variants.<N>.<field>``.
-    """
-    if variants is not None:
-        listed = [{"name": name, **(overrides or {})} for name, overrides in variants.items()]
-        recipe = recipe.model_copy(update={"variants": listed})
-    if not recipe.variants:
-        raise ConfigError("variants", "is empty", "give at least one {name: ..., <overrides>}")
-    names = list(variant_models(recipe))
-    metrics = fit(recipe, ckpt_path)
-    return {name: member_metrics(metrics, name) for name in names} if metrics else {}

@@ -15,6 +15,19 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 from sae_lightning.config import ModelConfig, RecipeConfig, split_spec, validate_model
 from sae_lightning.errors import ConfigError, did_you_mean
+from sae_lightning.spec import PLUGIN_ROLES
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_steps": 1000,
+    "accelerator": "auto",
+    "devices": 1,
+    "val_check_interval": 250,
+    "check_val_every_n_epoch": None,  # the training stream has no epochs
+    "log_every_n_steps": 10,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+"""The ``lightning.Trainer`` arguments a recipe's ``trainer:`` starts from."""
 
 RESERVED_TRAINER_KEYS = {
     "logger": "runs log to TensorBoard under <output_dir>/<name>/",
@@ -128,8 +141,9 @@ def load_recipe(
     recipe = validate_model(RecipeConfig, data, "")
     # The model's plugins and variants first: checking them imports no Lightning, so most bad
     # recipes are answered in the time it takes to import torch.
-    for role, group in _PLUGIN_ROLES:
-        _check_plugin(group, getattr(recipe.model, role), f"model.{role}")
+    specs = recipe.model.model_dump(include={role for role, _ in PLUGIN_ROLES})
+    for role, group in PLUGIN_ROLES:
+        resolve_plugin(group, specs[role], f"model.{role}")
     variant_models(recipe)  # validate now, so a bad variant fails before any data is built
     recipe.trainer = check_trainer_args(recipe.trainer)
     return recipe
@@ -138,7 +152,6 @@ def load_recipe(
 SAE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 """Names of SAEs in a multi-SAE run: they become log prefixes and export folders."""
 
-_PLUGIN_ROLES = (("encoder", "encoders"), ("decoder", "decoders"), ("sparsity", "sparsity"))
 _WIDTHS = ("d_sae", "expansion_factor")
 
 
@@ -172,8 +185,9 @@ def variant_models(recipe: RecipeConfig) -> dict[str, ModelConfig]:
             )
         start = {k: v for k, v in base.items() if not (k in _WIDTHS and _sets_width(overrides))}
         model = validate_model(ModelConfig, deep_merge(start, overrides), field)
-        for role, group in _PLUGIN_ROLES:
-            _check_plugin(group, getattr(model, role), f"{field}.{role}")
+        specs = model.model_dump(include={role for role, _ in PLUGIN_ROLES})
+        for role, group in PLUGIN_ROLES:
+            resolve_plugin(group, specs[role], f"{field}.{role}")
         out[name] = model
     return out
 
@@ -182,12 +196,41 @@ def _sets_width(overrides: dict[str, Any]) -> bool:
     return any(overrides.get(k) is not None for k in _WIDTHS)
 
 
-def _check_plugin(group: str, spec: Any, field: str) -> None:
-    """Validate a plugin spec against the installed plugin's own schema."""
+def resolve_plugin(group: str, spec: Any, field: str) -> dict[str, Any]:
+    """A plugin spec validated against the installed plugin's own schema, every parameter
+    filled in: ``{"name": ..., **params}``.
+
+    Raises:
+        ConfigError: naming ``field`` for an unknown plugin or a bad parameter.
+    """
     from sae_lightning.registry import registry
 
     name, params = split_spec(spec, field)
-    registry.validate_params(registry.get_for_field(group, name, field), params, field)
+    cls = registry.get_for_field(group, name, field)
+    config = registry.validate_params(cls, params, field)
+    return {"name": name, **config.model_dump(mode="json")}
+
+
+def resolved_recipe(recipe: RecipeConfig) -> RecipeConfig:
+    """``recipe`` with every plugin's defaults and the Trainer defaults filled in."""
+    specs = recipe.model.model_dump(include={role for role, _ in PLUGIN_ROLES})
+    model = recipe.model.model_copy(
+        update={
+            role: resolve_plugin(group, specs[role], f"model.{role}")
+            for role, group in PLUGIN_ROLES
+        }
+    )
+    return recipe.model_copy(
+        update={
+            "model": model,
+            "data": resolve_plugin("datamodules", recipe.data, "data"),
+            "trainer": {**TRAINER_DEFAULTS, **recipe.trainer},
+            "callbacks": [
+                resolve_plugin("callbacks", s, f"callbacks.{i}")
+                for i, s in enumerate(recipe.callbacks)
+            ],
+        }
+    )
 
 
 @functools.cache

@@ -21,36 +21,32 @@ from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
 from sae_lightning.callbacks.last_validation import LastValidation
 from sae_lightning.callbacks.progress import LoggedMetricsBar
 from sae_lightning.checkpoint_io import AtomicCheckpointIO, check_resume_shapes
-from sae_lightning.config import RecipeConfig, split_spec
+from sae_lightning.config import ModelConfig, RecipeConfig
 from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule, as_tensor
+from sae_lightning.multi import MultiSAEModule
 from sae_lightning.parallel.strategy import (
     check_model_parallel,
     is_model_parallel,
     model_parallel_arguments,
 )
 from sae_lightning.precision import with_default_precision
+from sae_lightning.protocols import DeclaresWidth, ScalesInputs, TrainsSAEs
+from sae_lightning.recipe import TRAINER_DEFAULTS, resolved_recipe, variant_models
 from sae_lightning.registry import registry
+from sae_lightning.spec import SAESpec
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_steps": 1000,
-    "accelerator": "auto",
-    "devices": 1,
-    "val_check_interval": 250,
-    "check_val_every_n_epoch": None,  # the training stream has no epochs
-    "log_every_n_steps": 10,
-    "num_sanity_val_steps": 0,
-    "enable_model_summary": False,
-}
+__all__ = ["TRAINER_DEFAULTS", "Run", "build_run", "finish", "fit", "fit_many", "resolved_recipe"]
 
 
 ModuleFactory = Callable[[RecipeConfig, "int | None"], pl.LightningModule]
 """Builds the LightningModule of a recipe from the recipe and the data's width (None when the
 data does not declare one). The module trains one SAE (:class:`SAEModule`) or several
-(:class:`~sae_lightning.multi.MultiSAEModule`); either exposes ``members()``."""
+(:class:`~sae_lightning.multi.MultiSAEModule`); it must be a
+:class:`~sae_lightning.protocols.TrainsSAEs`."""
 
 
 @dataclass
@@ -61,6 +57,22 @@ class Run:
     datamodule: pl.LightningDataModule
     module: pl.LightningModule
     trainer: pl.Trainer
+    resolved: RecipeConfig
+    """``recipe`` with every plugin's defaults filled in: resolved once, in :func:`build_run`."""
+
+    @property
+    def data_name(self) -> str:
+        return str(self.resolved.data["name"])
+
+    @property
+    def trains(self) -> TrainsSAEs:
+        """The module, as the SAE trainer the runner needs (see :data:`ModuleFactory`)."""
+        if not isinstance(self.module, TrainsSAEs):
+            raise TypeError(
+                f"{type(self.module).__name__} does not train SAEs: it needs members(), "
+                "takes_token_batches and configure_data_module() (see protocols.TrainsSAEs)"
+            )
+        return self.module
 
     @property
     def run_dir(self) -> Path:
@@ -71,7 +83,7 @@ def resolve_widths(recipe: RecipeConfig, data_d_in: int | None) -> tuple[int, in
     """``(d_in, d_sae)`` from the recipe and the data, checking that they agree."""
     model = recipe.model
     d_in = model.d_in
-    data_name, _ = split_spec(recipe.data, "data")
+    data_name = _data_name(recipe)
     if d_in is None:
         if data_d_in is None:
             raise ConfigError(
@@ -91,6 +103,10 @@ def resolve_widths(recipe: RecipeConfig, data_d_in: int | None) -> tuple[int, in
     else:
         d_sae = round((model.expansion_factor or 8.0) * d_in)
     return d_in, d_sae
+
+
+def _data_name(recipe: RecipeConfig) -> str:
+    return str(recipe.data.get("name") if isinstance(recipe.data, dict) else recipe.data)
 
 
 def checkpoint_callback(recipe: RecipeConfig) -> ModelCheckpoint:
@@ -113,7 +129,6 @@ def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
     :class:`~sae_lightning.lm.e2e_module.E2ESAEModule`, trained through the frozen LM on token
     batches.
     """
-    d_in, d_sae = resolve_widths(recipe, data_d_in)
     model = recipe.model
     module_cls = SAEModule
     if is_model_parallel(recipe):
@@ -124,27 +139,63 @@ def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
         from sae_lightning.lm.e2e_module import E2ESAEModule
 
         module_cls = E2ESAEModule
-    module = module_cls(
-        d_in=d_in,
-        d_sae=d_sae,
-        encoder=model.encoder,
-        decoder=model.decoder,
-        sparsity=model.sparsity,
-        optimizer=model.optimizer.model_dump(),
-        loss=model.loss.model_dump(),
-    )
+    module = module_cls(**module_kwargs(model, resolve_widths(recipe, data_d_in)))
     if model.compile:
         compile_sae(module.sae)
     return module
 
 
+def module_kwargs(model: ModelConfig, widths: tuple[int, int]) -> dict[str, Any]:
+    """:class:`SAEModule` keyword arguments of one ``model:`` section at ``(d_in, d_sae)``."""
+    spec = SAESpec(*widths, model.encoder, model.decoder, model.sparsity)
+    return {
+        **spec.as_kwargs(),
+        "optimizer": model.optimizer.model_dump(),
+        "loss": model.loss.model_dump(),
+    }
+
+
 def build_module(recipe: RecipeConfig, data_d_in: int | None) -> pl.LightningModule:
     """The default :data:`ModuleFactory`: one SAE, or one per entry of ``variants``."""
     if recipe.variants:
-        from sae_lightning.multi import build_multi_module
-
         return build_multi_module(recipe, data_d_in)
     return build_sae_module(recipe, data_d_in)
+
+
+def build_multi_module(recipe: RecipeConfig, data_d_in: int | None) -> MultiSAEModule:
+    """A :class:`~sae_lightning.multi.MultiSAEModule` of the recipe's ``variants`` (the
+    :data:`ModuleFactory` for recipes that list them); each variant is compiled when its
+    ``compile`` is set.
+
+    Raises:
+        ConfigError: naming ``variants.<N>.<field>``.
+    """
+    models = variant_models(recipe)
+    index = {name: i for i, name in enumerate(models)}
+    saes = {}
+    for name, model in models.items():
+        try:
+            widths = resolve_widths(recipe.model_copy(update={"model": model}), data_d_in)
+        except ConfigError as err:  # model.<field> -> variants.<N>.<field>
+            raise _under_variant(err, index[name]) from None
+        saes[name] = module_kwargs(model, widths)
+    try:
+        module = MultiSAEModule(saes, seed=recipe.seed)
+    except ConfigError as err:  # saes.<name>.model.<field> -> variants.<N>.<field>
+        found = re.match(r"^saes\.([^.]+)\.(.*)$", err.field)
+        if found is None or found.group(1) not in index:
+            raise
+        inner = ConfigError(found.group(2), err.message, err.fix)
+        raise _under_variant(inner, index[found.group(1)]) from None
+    for name, model in models.items():
+        if model.compile:
+            compile_sae(module.saes[name].sae)
+    return module
+
+
+def _under_variant(err: ConfigError, i: int) -> ConfigError:
+    field = re.sub(r"^model\.?", "", err.field)
+    return ConfigError(f"variants.{i}.{field}" if field else f"variants.{i}", err.message, err.fix)
 
 
 def compile_sae(sae: Any) -> None:
@@ -185,9 +236,11 @@ def build_run(
         ConfigError: for any invalid plugin, parameter or cross-field combination.
     """
     check_model_parallel(recipe)
+    resolved = resolved_recipe(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
-    module = module_factory(recipe, getattr(datamodule, "d_in", None))
+    width = datamodule.d_in if isinstance(datamodule, DeclaresWidth) else None
+    module = module_factory(recipe, width)
     from sae_lightning.callbacks.monitoring import monitoring_callbacks
 
     callbacks: list[pl.Callback] = [
@@ -229,13 +282,7 @@ def build_run(
         )
     except (ValueError, TypeError, MisconfigurationException) as err:
         raise ConfigError("trainer", str(err)) from None
-    return Run(recipe, datamodule, module, trainer)
-
-
-def members(module: pl.LightningModule) -> dict[str, SAEModule]:
-    """The SAEs a module trains, by name (``""`` for a single-SAE module)."""
-    found = getattr(module, "members", None)
-    return found() if found is not None else {"": module}  # type: ignore[dict-item]
+    return Run(recipe, datamodule, module, trainer, resolved)
 
 
 def preflight(run: Run) -> None:
@@ -244,11 +291,11 @@ def preflight(run: Run) -> None:
     Raises:
         ConfigError: naming ``data`` when a loader is empty, has the wrong width or NaN/Inf.
     """
-    name, _ = split_spec(run.recipe.data, "data")
+    name = run.data_name
     datamodule = run.datamodule
-    tokens = getattr(run.module, "takes_token_batches", False)
-    if tokens:  # ConfigError naming model.loss.mode unless the data has a language model
-        run.module.prepare_data_module(datamodule)
+    tokens = run.trains.takes_token_batches
+    # e2e: a ConfigError naming model.loss.mode unless the data has a language model
+    run.trains.configure_data_module(datamodule)
     datamodule.setup("fit")
     for split, make in (
         ("train", datamodule.train_dataloader),
@@ -260,7 +307,7 @@ def preflight(run: Run) -> None:
         if batch is None:
             raise ConfigError("data", f"the '{name}' {split} set is empty", "provide data")
         x = as_tensor(batch)
-        d_in = next(iter(members(run.module).values())).sae.d_in
+        d_in = next(iter(run.trains.members().values())).sae.d_in
         try:
             BatchValidator(d_in, "fail", source=f"'{name}' {split} data")(x, 0)
         except BadBatchError as err:
@@ -319,7 +366,7 @@ def finish(run: Run) -> dict[str, float]:
     A multi-SAE run's ``metrics.json`` holds every SAE's metrics (``<name>/val/fvu``...); each
     SAE is exported to ``<run folder>/<name>/`` with its own ``metrics.json``, unprefixed.
     """
-    saes = members(run.module)
+    saes = run.trains.members()
     prefixes = tuple(f"{name}/" for name in saes if name)
     train_metrics = {
         k: float(v)
@@ -332,22 +379,20 @@ def finish(run: Run) -> dict[str, float]:
         validated = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
         results = {k: float(v) for k, v in validated[0].items()}
     # A sharded SAE is gathered whole for export: a collective, so every rank takes part.
-    exported = {
-        name: member.gathered_sae() if hasattr(member, "gathered_sae") else member.sae
-        for name, member in saes.items()
-    }
+    exported = {name: member.gathered_sae() for name, member in saes.items()}
     metrics = {**train_metrics, **results}
     metrics["trainer/global_step"] = float(run.trainer.global_step)
     from sae_lightning.callbacks.dashboard import log_final_hparams
 
-    log_final_hparams(run.trainer, resolved_recipe(run.recipe).model_dump(mode="json"), metrics)
+    log_final_hparams(run.trainer, run.resolved.model_dump(mode="json"), metrics)
     if isinstance(run.trainer.logger, TensorBoardLogger):
         run.trainer.logger.experiment.flush()  # readers see the final summaries at once
     if run.trainer.is_global_zero:
         write_metrics(run.run_dir / METRICS_FILE, metrics)
         # Data modules that normalise activations expose `scale`; fold it into the export so the
         # exported SAE takes raw activations.
-        scale = float(getattr(run.datamodule, "scale", 1.0))
+        data = run.datamodule
+        scale = float(data.scale) if isinstance(data, ScalesInputs) else 1.0
         for name, member in saes.items():
             sae = eager_sae(exported[name])
             sae = fold_input_scale(sae, scale) if scale != 1.0 else sae
@@ -376,32 +421,34 @@ def validate(recipe: RecipeConfig, ckpt_path: str | None) -> dict[str, float]:
     return {k: float(v) for k, v in results[0].items()}
 
 
-def _expand(group: str, spec: dict[str, Any], field: str) -> dict[str, Any]:
-    name, params = split_spec(spec, field)
-    cls = registry.get_for_field(group, name, field)
-    config = registry.validate_params(cls, params, field)
-    return {"name": name, **config.model_dump(mode="json")}
+def fit_many(
+    recipe: RecipeConfig,
+    variants: dict[str, dict[str, Any]] | None = None,
+    *,
+    ckpt_path: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Train every variant of ``recipe`` at once on its data; export each SAE separately.
 
+    The same as ``sae-lightning fit`` on a recipe with ``variants:`` (docs/multi-gpu.md): one
+    run folder for all SAEs, one export folder per variant.
 
-def resolved_recipe(recipe: RecipeConfig) -> RecipeConfig:
-    """``recipe`` with every plugin's defaults and the Trainer defaults filled in."""
-    model = recipe.model.model_copy(
-        update={
-            role: _expand(group, getattr(recipe.model, role), f"model.{role}")
-            for role, group in (
-                ("encoder", "encoders"),
-                ("decoder", "decoders"),
-                ("sparsity", "sparsity"),
-            )
-        }
-    )
-    return recipe.model_copy(
-        update={
-            "model": model,
-            "data": _expand("datamodules", recipe.data, "data"),
-            "trainer": {**TRAINER_DEFAULTS, **recipe.trainer},
-            "callbacks": [
-                _expand("callbacks", s, f"callbacks.{i}") for i, s in enumerate(recipe.callbacks)
-            ],
-        }
-    )
+    Args:
+        recipe: a validated recipe; its ``model`` is the base of every variant.
+        variants: variant name -> partial ``model:`` mapping, e.g. ``{"sparsity": {"k": 8}}``;
+            None: the recipe's own ``variants``.
+        ckpt_path: ``"last"`` or a checkpoint of the same variants to resume from.
+
+    Returns:
+        ``{variant: {"val/fvu": ..., "train/loss": ...}}``.
+
+    Raises:
+        ConfigError: no variants, or one naming ``variants.<N>.<field>``.
+    """
+    if variants is not None:
+        listed = [{"name": name, **(overrides or {})} for name, overrides in variants.items()]
+        recipe = recipe.model_copy(update={"variants": listed})
+    if not recipe.variants:
+        raise ConfigError("variants", "is empty", "give at least one {name: ..., <overrides>}")
+    names = list(variant_models(recipe))
+    metrics = fit(recipe, ckpt_path)
+    return {name: member_metrics(metrics, name) for name in names} if metrics else {}

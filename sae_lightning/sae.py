@@ -1,10 +1,10 @@
 """The plain SAE: encoder + sparsity + decoder composed from registry specs.
 
 This is what ``load_sae`` returns and what the LightningModule trains. It depends only on the
-three plugin protocols in :mod:`sae_lightning.components.base`, plus one optional method: a
-sparsity plugin with ``fused_encode`` is handed a linear encoder's weights and encodes without
-the dense ``(batch, d_sae)`` pre-activations (see ``docs/architecture.md``, "The sparse TopK
-hot path").
+three plugin protocols in :mod:`sae_lightning.components.base`; where a plugin takes the
+optional fused path (``SparsityFn.fused_encode``), it is handed an affine encoder's weights and
+encodes without the dense ``(batch, d_sae)`` pre-activations (see ``docs/architecture.md``,
+"The sparse TopK hot path").
 """
 
 from __future__ import annotations
@@ -14,12 +14,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Codes, Decoder, Encoder, SparsityFn, SparsityOutput
+from sae_lightning.components.base import (
+    AuxSource,
+    Codes,
+    Decoder,
+    Encoder,
+    SparsityFn,
+    SparsityOutput,
+)
 from sae_lightning.config import PluginSpec
 from sae_lightning.errors import ConfigError
 from sae_lightning.functional import as_points, from_points
-from sae_lightning.kernels.topk_encoder import EncoderInputs
+from sae_lightning.kernels.encode import EncoderInputs
 from sae_lightning.registry import Registry, registry
+from sae_lightning.spec import SAESpec
 
 
 class ForwardOutput(NamedTuple):
@@ -31,10 +39,12 @@ class ForwardOutput(NamedTuple):
     """Sparse latent activations."""
     pre_acts: Tensor | None
     """``(batch, d_sae)`` encoder output before the sparsity function; None when the fused
-    sparse path ran, which never materialises it (``sparsity.auxiliary_losses`` then uses what
-    the plugin's ``fused_encode`` kept)."""
+    sparse path ran, which never materialises it."""
     penalties: dict[str, Tensor]
     """Sparsity penalty terms, already weighted."""
+    aux_source: AuxSource | None
+    """What the sparsity plugin's auxiliary loss of this step needs (its ``aux_source``, else
+    the pre-activations); :meth:`SparseAutoencoder.auxiliary_losses` hands it back."""
 
 
 class SparseAutoencoder(nn.Module):
@@ -72,28 +82,28 @@ class SparseAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         reg = plugins or registry
+        self.spec = SAESpec(d_in, d_sae, dict(encoder), dict(decoder), dict(sparsity))
         self.d_in = d_in
         self.d_sae = d_sae
-        self.specs: dict[str, PluginSpec] = {
-            "encoder": dict(encoder),
-            "decoder": dict(decoder),
-            "sparsity": dict(sparsity),
-        }
-        self.encoder: Encoder = reg.build(
-            "encoders", encoder, field=f"{field_prefix}.encoder", d_in=d_in, d_sae=d_sae
-        )
-        self.decoder: Decoder = reg.build(
-            "decoders",
-            decoder,
-            field=f"{field_prefix}.decoder",
-            d_in=d_in,
-            d_sae=d_sae,
-            encoder=self.encoder,
-        )
-        self.sparsity: SparsityFn = reg.build(
-            "sparsity", sparsity, field=f"{field_prefix}.sparsity", d_in=d_in, d_sae=d_sae
-        )
+        built: dict[str, Any] = {}
+        for role, group, spec in self.spec.roles():
+            context = {"encoder": built["encoder"]} if role == "decoder" else {}
+            field = f"{field_prefix}.{role}"
+            built[role] = reg.build(group, spec, field=field, d_in=d_in, d_sae=d_sae, **context)
+        self.encoder: Encoder = built["encoder"]
+        self.decoder: Decoder = built["decoder"]
+        self.sparsity: SparsityFn = built["sparsity"]
         self.fused = True
+
+    @classmethod
+    def from_spec(cls, spec: SAESpec, **kwargs: Any) -> SparseAutoencoder:
+        """The SAE of ``spec`` (``kwargs``: ``field_prefix``, ``plugins``)."""
+        return cls(*spec, **kwargs)
+
+    @property
+    def specs(self) -> dict[str, PluginSpec]:
+        """``{role: spec}`` of the three plugins."""
+        return {role: spec for role, _, spec in self.spec.roles()}
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """``(batch, d_in) -> (batch, d_sae)`` encoder output, centring inputs if asked."""
@@ -103,59 +113,66 @@ class SparseAutoencoder(nn.Module):
 
     def run(self, x: Tensor, *, step: int = 0) -> ForwardOutput:
         """Encode, sparsify and decode one batch, keeping every intermediate."""
-        (codes, penalties), pre_acts = self._sparsify(x, step)
-        return ForwardOutput(self.decoder(codes), codes, pre_acts, penalties)
+        out, pre_acts = self._sparsify(x, step)
+        source = out.aux_source if out.aux_source is not None else pre_acts
+        return ForwardOutput(self.decoder(out.codes), out.codes, pre_acts, out.losses, source)
 
     def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
-        if self.fused and x.shape[0] > 0:  # an encoder's own encode-and-select, if it has one
+        if self.fused and x.shape[0] > 0:
+            # an encoder's own encode-and-select first, then the sparsity plugin's fused path
             own = self.encoder.fused_sparsify(x, self.sparsity, step=step, decoder=self.decoder)
-            if own is not None:
-                return own, None
-        fused_encode = getattr(self.sparsity, "fused_encode", None)
-        if self.fused and fused_encode is not None and x.shape[0] > 0:
-            affine = _affine_weights(self.encoder)
-            if affine is not None:
-                shift = self.decoder.b_dec if self.encoder.center_input else None
-                inputs = EncoderInputs(x, shift, *affine)
-                out = fused_encode(inputs, step=step, decoder=self.decoder)
-                if out is not None:  # a plugin may decline (e.g. in a mode it cannot fuse)
-                    return out
+            fused = own if own is not None else self._fused_encode(x, step)
+            if fused is not None:
+                return fused, None
         pre_acts = self.pre_activations(x)
-        if pre_acts.ndim > 2 and not getattr(self.sparsity, "functional", False):
+        if pre_acts.ndim > 2 and not self.sparsity.functional:
             return self._sparsify_pointwise(pre_acts, step), pre_acts
         return self.sparsity(pre_acts, step=step, decoder=self.decoder), pre_acts
+
+    def _fused_encode(self, x: Tensor, step: int) -> SparsityOutput | None:
+        """The sparsity plugin's fused path on an affine encoder; None when either declines."""
+        if not self.encoder.trains_through_affine:
+            return None
+        affine = self.encoder.affine()
+        if affine is None:
+            return None
+        shift = self.decoder.b_dec if self.encoder.center_input else None
+        inputs = EncoderInputs(x, shift, *affine)
+        return self.sparsity.fused_encode(inputs, step=step, decoder=self.decoder)
 
     def _sparsify_pointwise(self, maps: Tensor, step: int) -> SparsityOutput:
         """Apply a vector sparsity plugin to concept maps, each grid point one row."""
         grid = tuple(maps.shape[2:])
-        codes, losses = self.sparsity(as_points(maps), step=step, decoder=self.decoder)
-        values = from_points(codes.dense(), maps.shape[0], grid)
-        return SparsityOutput(Codes(values, None, self.d_sae), losses)
+        out = self.sparsity(as_points(maps), step=step, decoder=self.decoder)
+        values = from_points(out.codes.dense(), maps.shape[0], grid)
+        return SparsityOutput(Codes(values, None, self.d_sae), out.losses)
 
     def auxiliary_losses(
-        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, dead: Tensor
+        self, source: AuxSource | None, x: Tensor, residual: Tensor, dead: Tensor
     ) -> dict[str, Tensor]:
         """The sparsity plugin's auxiliary terms (e.g. AuxK) for one batch.
+
+        Args:
+            source: ``ForwardOutput.aux_source`` of this batch's :meth:`run`.
+            x, residual, dead: as for :meth:`SparsityFn.auxiliary_losses`.
 
         Raises:
             ConfigError: an auxiliary loss was asked of a point-wise plugin on concept maps,
                 where it is not defined (AuxK decodes single latents at single points).
         """
-        if (
-            pre_acts is not None
-            and pre_acts.ndim > 2
-            and not getattr(self.sparsity, "functional", False)
-        ):
-            if getattr(self.sparsity.config, "aux_coefficient", 0) > 0:
+        on_maps = isinstance(source, Tensor) and source.ndim > 2
+        if on_maps and not self.sparsity.functional:
+            switch = self.sparsity.auxiliary_loss_switch
+            if switch is not None:
                 raise ConfigError(
-                    "model.sparsity.aux_coefficient",
-                    f"is {self.sparsity.config.aux_coefficient}, but the AuxK loss is not "
-                    "defined for concept maps (the encoder returns one function per latent)",
-                    "set model.sparsity.aux_coefficient: 0",
+                    f"model.sparsity.{switch}",
+                    "turns on an auxiliary loss, which is not defined for concept maps (the "
+                    "encoder returns one function per latent)",
+                    f"turn it off (model.sparsity.{switch}: 0)",
                 )
             return {}
-        return self.sparsity.auxiliary_losses(pre_acts, x, residual, self.decoder, dead)
+        return self.sparsity.auxiliary_losses(source, x, residual, self.decoder, dead)
 
     def encode_codes(self, x: Tensor) -> Codes:
         """Sparse codes of ``x`` (sparse or dense, whichever the sparsity plugin produces)."""
@@ -175,7 +192,7 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of ``x``: any leading shape and last dim ``d_in``, or a function
         batch ``(batch, d_in, *grid)`` for a function-space encoder."""
-        if getattr(self.encoder, "functional", False):
+        if self.encoder.functional:
             return self.decoder(self.encode_codes(x))
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in)
@@ -187,7 +204,7 @@ class SparseAutoencoder(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """The specs that rebuild this SAE (see :func:`sae_lightning.io.load_sae`)."""
-        return {"d_in": self.d_in, "d_sae": self.d_sae, **self.specs}
+        return self.spec.as_kwargs()
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -196,16 +213,3 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.decoder.after_optimizer_step()
-
-
-def _affine_weights(encoder: Encoder) -> tuple[Tensor, Tensor] | None:
-    """``(W_enc, b_enc)`` when ``encoder(x) == x @ W_enc.T + b_enc``, else None.
-
-    ``Encoder.weight()`` is documented to be non-None only for a linear encoder; the bias is
-    its ``b_enc`` parameter. An encoder without one takes the dense path.
-    """
-    weight = encoder.weight()
-    bias = getattr(encoder, "b_enc", None)
-    if weight is None or not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]:
-        return None
-    return weight, bias

@@ -17,24 +17,18 @@ from typing import Any
 
 from torch import Tensor
 
+from sae_lightning.components.base import Plugin
 from sae_lightning.errors import SaeLightningError
-
-ROLES = {"encoder": "encoders", "decoder": "decoders", "sparsity": "sparsity"}
 
 
 class IncompatibleCheckpointError(SaeLightningError):
     """A checkpoint was written by plugins this installation cannot load."""
 
 
-def state_version(plugin: object) -> int:
-    """The plugin's ``state_version`` class attribute (1 when it declares none)."""
-    return int(getattr(type(plugin), "state_version", 1))
-
-
 def migrate_checkpoint(
     checkpoint: dict[str, Any],
     current: dict[str, dict[str, Any]],
-    plugins: dict[str, object],
+    plugins: dict[str, Plugin],
     prefix: str = "sae.",
 ) -> None:
     """Check ``checkpoint`` against the installed plugins; migrate its state dict in place.
@@ -74,7 +68,7 @@ def migrate_checkpoint(
                 f"{now['distribution']} to at least {then.get('version')}"
             )
         plugin = plugins[role]
-        hook = getattr(type(plugin), "migrate_state", None)
+        hook = type(plugin).migrate_state
         if hook is None:
             raise IncompatibleCheckpointError(
                 f"the checkpoint was written by {where} (state version {old}); the installed "

@@ -26,7 +26,7 @@ def run_both(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None 
         loss = (x - out.x_hat).pow(2).sum(dim=1).mean()
         if dead is not None:
             residual = x - out.x_hat.detach()
-            aux = model.sparsity.auxiliary_losses(out.pre_acts, x, residual, model.decoder, dead)
+            aux = model.sparsity.auxiliary_losses(out.aux_source, x, residual, model.decoder, dead)
             loss = loss + aux["auxk"]
         loss.backward()
         results.append((out, loss, grads(model), model))

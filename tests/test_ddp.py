@@ -141,3 +141,37 @@ def test_cli_fit_on_two_cpu_processes(tmp_path: Path) -> None:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # 20 steps of the global batch of 1024, split 512 + 512 over the two ranks.
     assert int(ckpt["state_dict"]["tokens_seen"]) == 20 * 1024
+
+
+def test_e2e_logged_fvu_with_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """e2e mode logs the global FVU (pooled sums), not a mean of per-rank FVUs."""
+    import socket
+
+    e2e_fvu = load_script("e2e_fvu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = str(SCRIPTS / "e2e_fvu.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(tmp_path), str(r), "2", port],
+            cwd=str(ROOT),
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-4000:]
+    one = e2e_fvu.step_metrics(0, 1)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["kept_rows"] != ranks[1]["kept_rows"]  # so a mean of rank FVUs would differ
+    for got in ranks:
+        assert abs(got["train/fvu"] - one["train/fvu"]) <= 1e-6
+        assert got["tokens_seen"] == one["tokens_seen"] == one["kept_rows"]
+    # The old rule, a mean of per-rank FVUs (each rank's share alone), is measurably different.
+    local = [e2e_fvu.step_metrics(r, 2)["train/fvu"] for r in (0, 1)]
+    assert abs(sum(local) / 2 - one["train/fvu"]) > 1e-4

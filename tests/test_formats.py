@@ -123,8 +123,8 @@ class TanhEncoder(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def weight(self):
-        return self.inner.weight()
+    def affine(self):
+        return self.inner.affine()
 
     def forward(self, x):
         return torch.tanh(self.inner(x))

@@ -18,11 +18,12 @@ from fused_paths import grads, run_both
 from torch.testing import assert_close
 
 from sae_lightning.components.sparsity import batchtopk
-from sae_lightning.kernels import topk_encoder
-from sae_lightning.kernels.topk_encoder import (
+from sae_lightning.kernels import (
     EncoderInputs,
     batch_topk_encode,
     batch_topk_select,
+    memory,
+    select,
     threshold_encode,
     threshold_select,
 )
@@ -183,9 +184,9 @@ def test_fused_training_matches_dense(seed, kind, decoder, monkeypatch) -> None:
     sae = make_sae(decoder, seed)
     x = batch_of(kind, sae)
     whole_batch_passes = []  # when ties reach past the candidates, the whole batch is compared
-    real = topk_encoder.threshold_select
+    real = select.threshold_select
     monkeypatch.setattr(
-        topk_encoder,
+        select,
         "threshold_select",
         lambda *a, **kw: whole_batch_passes.append(1) or real(*a, **kw),
     )
@@ -237,7 +238,7 @@ def test_fused_auxk_matches_dense(seed, n_dead) -> None:
 @pytest.mark.parametrize("chunk_bytes", [None, 5 * D_SAE * 4])
 def test_fused_inference_matches_dense(seed, measured, chunk_bytes, monkeypatch) -> None:
     if chunk_bytes is not None:  # five rows per chunk: chunks of different widths
-        monkeypatch.setattr(topk_encoder, "DEFAULT_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(memory, "DEFAULT_CHUNK_BYTES", chunk_bytes)
     sae = make_sae("linear", seed)
     x = torch.randn(B, D_IN) * torch.linspace(0.2, 3.0, B).unsqueeze(1)
     if measured:
@@ -263,11 +264,11 @@ def test_fused_inference_matches_dense(seed, measured, chunk_bytes, monkeypatch)
         close(grads_f[name], grads_d[name])
 
 
-def test_auxk_without_pre_acts_needs_a_fused_forward() -> None:
+def test_auxk_without_a_source_is_refused() -> None:
     sae = make_sae("linear", 0)
     x = torch.randn(B, D_IN)
     dead = torch.ones(D_SAE, dtype=torch.bool)
-    with pytest.raises(ValueError, match="pre_acts=None"):
+    with pytest.raises(ValueError, match="got no source"):
         sae.sparsity.auxiliary_losses(None, x, x, sae.decoder, dead)
 
 

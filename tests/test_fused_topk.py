@@ -1,4 +1,4 @@
-"""The sparse TopK path (kernels/topk_encoder.py) against the dense reference path.
+"""The sparse TopK path (sae_lightning/kernels/) against the dense reference path.
 
 Fresh random inputs each seed, plus exact ties and all-zero rows; float32 results must match the
 dense path to 1e-5 relative, and the custom autograd function passes gradcheck in float64.
@@ -14,16 +14,18 @@ from fused_paths import run_both
 from torch.testing import assert_close
 
 from sae_lightning.components.sparsity.auxk import auxk_loss
-from sae_lightning.kernels import topk_encoder
-from sae_lightning.kernels.topk_encoder import (
+from sae_lightning.kernels import (
     EncoderInputs,
     batch_topk_encode,
     batch_topk_select,
+    decode,
+    memory,
     sampled_dots,
     sparse_decode,
     sparse_weight_grad,
     topk_encode,
     topk_select,
+    weight_grad,
 )
 from sae_lightning.sae import SparseAutoencoder
 
@@ -128,7 +130,7 @@ def test_weight_gradient_implementations_match_dense(seed, impl) -> None:
     weights = torch.randn(batch, k)
     x = torch.randn(batch, d)
     dense_codes = torch.zeros(batch, n).scatter(1, indices, weights)
-    close(getattr(topk_encoder, impl)(indices, weights, x, n), dense_codes.t() @ x)
+    close(getattr(weight_grad, impl)(indices, weights, x, n), dense_codes.t() @ x)
 
 
 def test_pooled_gradients_are_reused_only_once_released() -> None:
@@ -185,8 +187,8 @@ def test_sparse_decode_matches_embedding_bag(seed, monkeypatch) -> None:
     for a, b in zip(mine, ref, strict=True):
         close(a, b)
     # the accelerator formula (gathered atoms, chunked), forced here on the CPU
-    monkeypatch.setattr(topk_encoder, "DEFAULT_CHUNK_BYTES", 3 * 5 * 8 * 4)  # three rows a chunk
-    close(topk_encoder._sampled_dots_gathered(g, atoms, indices), sampled_dots(g, atoms, indices))
+    monkeypatch.setattr(memory, "DEFAULT_CHUNK_BYTES", 3 * 5 * 8 * 4)  # three rows a chunk
+    close(decode._sampled_dots_gathered(g, atoms, indices), sampled_dots(g, atoms, indices))
 
 
 # ---- the SAE: fused against dense --------------------------------------------------------------
@@ -221,7 +223,7 @@ def test_fused_run_matches_dense_values_and_gradients(
     seed, kind, decoder, chunk_bytes, monkeypatch
 ) -> None:
     if chunk_bytes is not None:  # four rows per chunk
-        monkeypatch.setattr(topk_encoder, "DEFAULT_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(memory, "DEFAULT_CHUNK_BYTES", chunk_bytes)
     sae = make_sae(decoder, seed)
     x = batch_of(kind, sae)
     (fused, loss_f, grads_f, _), (dense, loss_d, grads_d, _) = run_both(sae, x)
@@ -262,16 +264,16 @@ def test_fused_auxk_matches_dense(seed, n_dead) -> None:
         assert aux.item() > 0
 
 
-def test_auxk_without_pre_acts_needs_a_fused_forward() -> None:
+def test_auxk_takes_its_source_from_the_run_output_not_from_plugin_state() -> None:
     sae = make_sae("linear", 0)
     x = torch.randn(B, D_IN)
     dead = torch.ones(D_SAE, dtype=torch.bool)
-    with pytest.raises(ValueError, match="pre_acts=None"):
+    with pytest.raises(ValueError, match="got no source"):
         sae.sparsity.auxiliary_losses(None, x, x, sae.decoder, dead)
-    with torch.no_grad():  # an inference forward keeps nothing for AuxK
-        sae.run(x)
-    with pytest.raises(ValueError, match="no fused forward"):
-        sae.sparsity.auxiliary_losses(None, x, x, sae.decoder, dead)
+    out = sae.run(x)
+    assert isinstance(out.aux_source, EncoderInputs) and out.pre_acts is None
+    assert not any(isinstance(v, EncoderInputs) for v in vars(sae.sparsity).values())  # no stash
+    assert "auxk" in sae.sparsity.auxiliary_losses(out.aux_source, x, x, sae.decoder, dead)
 
 
 def test_fused_inference_matches_dense() -> None:

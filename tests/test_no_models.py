@@ -264,7 +264,7 @@ def test_pair_builds_from_spec_and_reconstructs_function_batches(name: str) -> N
     sae, grid = build(name)
     maps = PAIRS[name][3]
     assert sae.encoder.functional and not sae.encoder.center_input
-    assert sae.encoder.weight() is None
+    assert sae.encoder.affine() is None
     assert sae.decoder.convolutional is maps
     u = torch.randn(3, C, *grid)
     out = sae.run(u)

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from fake_dists import make_dist
 
 from sae_lightning import load_sae
@@ -68,6 +69,48 @@ trainer: {{max_steps: 60, val_check_interval: 30, enable_progress_bar: false}}
     sae = load_sae(run_dir)
     assert type(sae.sparsity).__name__ == "SoftThreshold"
     assert "train/loss/l1" in metrics
+
+
+def test_template_sparsity_exports_to_saelens_through_its_declared_mapping(
+    template_discoverable, tmp_path
+):
+    """SoftThreshold declares ``ReLU(z - t)`` = SAELens ``standard`` with ``t`` off ``b_enc``."""
+    from safetensors.torch import load_file
+
+    from sae_lightning.formats import export_saelens
+    from sae_lightning.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(
+        12, 40, {"name": "linear"}, {"name": "linear"}, {"name": "softthreshold", "threshold": 0.3}
+    )
+    with torch.no_grad():
+        sae.encoder.b_enc.normal_(0, 0.2)
+        sae.decoder.b_dec.normal_(0, 0.2)
+    export_saelens(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "standard"
+    w = {k: v.double() for k, v in load_file(str(tmp_path / "sae_weights.safetensors")).items()}
+    x = torch.randn(64, 12, dtype=torch.float64)
+    # SAELens's standard SAE, in float64, from the exported tensors alone
+    centred = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    codes = torch.relu(centred @ w["W_enc"] + w["b_enc"])
+    ours = sae.double().encode(x)
+    assert (ours > 0).any() and (ours == 0).any()
+    torch.testing.assert_close(codes, ours, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(codes @ w["W_dec"] + w["b_dec"], sae(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_sparsity_without_a_declared_mapping_is_refused(template_discoverable, tmp_path):
+    from sae_lightning.formats import UnsupportedArchitectureError, export_saelens
+    from sae_lightning.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(
+        12, 40, {"name": "linear"}, {"name": "linear"}, {"name": "softthreshold"}
+    )
+    sae.sparsity.peer_activation = lambda: None  # as a plugin that declares nothing
+    with pytest.raises(UnsupportedArchitectureError, match=r"softthreshold.*no SAELens equivalent"):
+        export_saelens(sae, tmp_path)
 
 
 TEMPLATE_RECIPES = sorted((TEMPLATE / "recipes").glob("*.yaml"))

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from sae_lightning import load_sae
 from sae_lightning.cli import main
 from sae_lightning.errors import ConfigError
-from sae_lightning.multi import fit_many
 from sae_lightning.recipe import load_recipe
-from sae_lightning.runner import fit, validate
+from sae_lightning.runner import fit, fit_many, validate
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae_lightning.components.base import Plugin
 from sae_lightning.versioning import IncompatibleCheckpointError, migrate_checkpoint
 
 
-class OldLayout:
+class OldLayout(Plugin):
     """A plugin whose state version 2 renamed 'w' to 'weight' and doubled it."""
 
     state_version = 2
@@ -19,7 +20,7 @@ class OldLayout:
         return {"weight": state["w"] * 2, **{k: v for k, v in state.items() if k != "w"}}
 
 
-class NoHook:
+class NoHook(Plugin):
     state_version = 2
 
 

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from sae_lightning.callbacks.reference_metrics import ReferenceAtomsData
 from sae_lightning.callbacks.tensorboard import tensorboard_loggers
+from sae_lightning.protocols import TrainsSAEs
 
 TAG = "val/atoms_vs_true_cosine"
 
@@ -66,7 +67,8 @@ class AtomImages(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         loggers = tensorboard_loggers(trainer)
-        sae = getattr(pl_module, "sae", None)
+        members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
+        sae = members[""].sae if "" in members else None  # one SAE: a multi-SAE run has none
         datamodule = trainer.datamodule
         if not (loggers and sae is not None and isinstance(datamodule, ReferenceAtomsData)):
             return

@@ -26,6 +26,7 @@ from typing_extensions import override
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import FractionOfVarianceUnexplained
+from sae_lightning.protocols import TrainsSAEs
 
 if TYPE_CHECKING:
     from sae_lightning.data.lm_base import LMHandle
@@ -75,7 +76,9 @@ class E2EKLEvaluation(pl.Callback):
     @staticmethod
     def _language_data(trainer: pl.Trainer) -> Any:
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "language_model"):
+        from sae_lightning.lm.e2e_module import LanguageModelData
+
+        if not isinstance(datamodule, LanguageModelData):
             raise ConfigError(
                 "callbacks.e2e_kl",
                 f"needs language-model data, but the data module is {type(datamodule).__name__}",
@@ -93,7 +96,7 @@ class E2EKLEvaluation(pl.Callback):
         for name, contexts in lm.eval_sets.items():
             sets[f"val/{name}/"] = (contexts.ids, contexts.keep, contexts)
         results: dict[str, Tensor] = {}
-        members = pl_module.members() if hasattr(pl_module, "members") else {"": pl_module}
+        members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
         for prefix, member in members.items():
             for tag, (ids, keep, contexts) in sets.items():
                 metrics = self._splice(trainer, pl_module, lm, hook, member.sae, ids, keep)

@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
+from sae_lightning.protocols import TrainsSAEs
+
 
 @runtime_checkable
 class ReferenceMetricsData(Protocol):
@@ -46,7 +48,7 @@ class ReferenceMetrics(pl.Callback):
         datamodule = trainer.datamodule
         if not isinstance(datamodule, ReferenceMetricsData) or trainer.sanity_checking:
             return
-        members = pl_module.members() if hasattr(pl_module, "members") else {"": pl_module}
+        members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
         for name, member in members.items():
             prefix = f"{name}/" if name else ""
             for key, value in datamodule.reference_metrics(member.sae).items():

@@ -1,16 +1,17 @@
 """The three plugin protocols an SAE is composed of, and the values that flow between them.
 
 Data flows one way: ``x -> Encoder -> pre-activations -> SparsityFn -> Codes -> Decoder -> x_hat``.
-The module only calls the methods defined here; it never checks a plugin's concrete class.
-Plugins that also implement the optional resampling methods (``Encoder.resample_rows``,
-``Decoder.resample_atoms``) can have their dead latents re-initialised by the ``resampler``
-callback. The data-parallel helpers at the end let a plugin compute batch statistics over the
-global batch when it trains under DDP.
+The core only calls the methods and reads the attributes declared here, each with a default
+where it is optional (the fused path, resampling, the peer-format mapping); it never checks a
+plugin's concrete class or probes for undeclared attributes. ``docs/writing-a-plugin.md``
+("The plugin contract") lists the whole contract with shapes. The data-parallel helpers at the
+end let a plugin compute batch statistics over the global batch when it trains under DDP.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from sae_lightning.config import PluginConfig
 from sae_lightning.functional import as_points
+from sae_lightning.kernels.decode import sparse_decode
+from sae_lightning.kernels.encode import EncoderInputs
 
 
 class Codes(NamedTuple):
@@ -79,6 +82,11 @@ class Codes(NamedTuple):
         return self.values.abs().sum(dim=1)
 
 
+AuxSource = Tensor | EncoderInputs
+"""What a sparsity plugin's auxiliary loss starts from: the ``(batch, d_sae)`` pre-activations
+(dense path), or the linear encoder's inputs (fused path, which never materialises them)."""
+
+
 class SparsityOutput(NamedTuple):
     """What a sparsity function returns for one batch."""
 
@@ -86,6 +94,28 @@ class SparsityOutput(NamedTuple):
     """The sparse latent activations."""
     losses: dict[str, Tensor]
     """Penalty terms already multiplied by their coefficients; each is added to the loss."""
+    aux_source: AuxSource | None = None
+    """What :meth:`SparsityFn.auxiliary_losses` of the same step needs; None lets the SAE pass
+    the pre-activations (dense path). The SAE hands it back, so no plugin keeps state between
+    the two calls."""
+
+
+class PeerActivation(NamedTuple):
+    """How a sparsity plugin is written in the peer formats (SAELens, sparsify), exactly.
+
+    The exporter checks the declaration on probe inputs before it writes anything, so a
+    plugin that declares a mapping it does not compute is refused, not exported wrongly.
+    """
+
+    activation: Literal["relu", "topk", "jumprelu"]
+    """``relu`` (SAELens ``standard``), ``topk`` or ``jumprelu``: ``ReLU(z) * (z > threshold)``."""
+    k: int | None = None
+    """Active latents per row, for ``topk``."""
+    threshold: Tensor | None = None
+    """``(d_sae,)`` non-negative thresholds, for ``jumprelu``."""
+    bias_shift: Tensor | float = 0.0
+    """Added to the encoder bias ``b_enc`` on export: the plugin computes
+    ``activation(z + bias_shift)`` (e.g. soft thresholding ``ReLU(z - t)``: ``relu``, ``-t``)."""
 
 
 class Touched(NamedTuple):
@@ -108,13 +138,11 @@ class Plugin:
     Config: ClassVar[type[PluginConfig]] = PluginConfig
     state_version: ClassVar[int] = 1
     """Bump when the meaning or layout of the plugin's state changes; an older checkpoint then
-    loads only through a ``migrate_state(state, from_version) -> state`` classmethod
-    (see :mod:`sae_lightning.versioning`)."""
-
-    @classmethod
-    def describe(cls) -> str:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        return doc[0] if doc else cls.__name__
+    loads only through :attr:`migrate_state` (see :mod:`sae_lightning.versioning`)."""
+    migrate_state: ClassVar[Callable[[dict[str, Tensor], int], dict[str, Tensor]] | None] = None
+    """Optional classmethod ``migrate_state(state, from_version) -> state``: the plugin's state
+    dict (keys relative to the plugin) written at ``from_version``, rewritten for
+    :attr:`state_version`. None (the default): older checkpoints are refused."""
 
 
 class Encoder(Plugin, nn.Module):
@@ -129,6 +157,10 @@ class Encoder(Plugin, nn.Module):
 
     center_input: bool = False
     functional: bool = False
+    trains_through_affine: ClassVar[bool] = True
+    """True when :meth:`affine` returns the trained parameters themselves, so the SAE may train
+    through them on a sparsity plugin's fused path; False when it builds them (e.g. a dense
+    matrix out of a sparse parameterisation), which only export and evaluation then read."""
 
     def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__()
@@ -139,8 +171,14 @@ class Encoder(Plugin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - protocol
         raise NotImplementedError
 
-    def weight(self) -> Tensor | None:
-        """The ``(d_sae, d_in)`` encoder matrix when the encoder is linear, else None."""
+    def affine(self) -> tuple[Tensor, Tensor] | None:
+        """``(W_enc (d_sae, d_in), b_enc (d_sae,))`` when ``forward(x) == x @ W_enc.T + b_enc``
+        (before any centring by ``b_dec``), else None (the default).
+
+        The ``linear`` decoder starts from ``W_enc``'s transpose and the ``tied`` one shares it;
+        a sparsity plugin's fused path encodes with it (see :attr:`trains_through_affine`);
+        export writes it.
+        """
         return None
 
     def fused_sparsify(
@@ -151,7 +189,8 @@ class Encoder(Plugin, nn.Module):
         An encoder that can encode and select together without materialising the
         ``(batch, d_sae)`` pre-activations (the expander plugin) returns the sparsity plugin's
         output here, computed by the plugin's rule; the SAE then skips ``forward`` and
-        ``sparsity.forward``, and passes ``pre_acts=None`` to ``sparsity.auxiliary_losses``.
+        ``sparsity.forward``, and hands the output's ``aux_source`` to
+        ``sparsity.auxiliary_losses``. It is tried before the sparsity's ``fused_encode``.
 
         Args:
             x: ``(batch, d_in)`` inputs, not centred (centre with ``decoder.b_dec`` when
@@ -167,9 +206,10 @@ class Encoder(Plugin, nn.Module):
         """``(d_sae,)`` the scale of each latent's encoder row; None when there is none.
 
         The resampler gives new rows a norm relative to the mean norm of the live ones.
+        Default: the norms of :meth:`affine`'s rows.
         """
-        w = self.weight()
-        return None if w is None else w.detach().norm(dim=1)
+        affine = self.affine()
+        return None if affine is None else affine[0].detach().norm(dim=1)
 
     @torch.no_grad()
     def resample_rows(self, ids: Tensor, directions: Tensor, norm: Tensor) -> list[Touched]:
@@ -188,7 +228,8 @@ class Encoder(Plugin, nn.Module):
             Every parameter slice that was rewritten, so its optimizer state can be reset.
 
         Raises:
-            NotImplementedError: the encoder does not support resampling.
+            NotImplementedError: the encoder does not support resampling (the default; the
+                resampler checks at setup, see :func:`supports_resampling`).
         """
         raise NotImplementedError(f"encoder {type(self).__name__} does not implement resample_rows")
 
@@ -218,8 +259,6 @@ class Decoder(Plugin, nn.Module):
         if codes.indices is None:
             return codes.values @ atoms
         # (batch, k) ids and weights -> (batch, d_in), a gather-and-sum over k atom rows.
-        from sae_lightning.kernels.topk_encoder import sparse_decode
-
         return sparse_decode(codes.indices, codes.values.to(atoms.dtype), atoms)
 
     def atoms(self) -> Tensor:  # pragma: no cover - protocol
@@ -245,7 +284,7 @@ class Decoder(Plugin, nn.Module):
             for tied weights).
 
         Raises:
-            NotImplementedError: the decoder does not support resampling.
+            NotImplementedError: the decoder does not support resampling (the default).
         """
         raise NotImplementedError(
             f"decoder {type(self).__name__} does not implement resample_atoms"
@@ -281,13 +320,36 @@ class SparsityFn(Plugin, nn.Module):
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         raise NotImplementedError  # pragma: no cover - protocol
 
+    def fused_encode(
+        self, inputs: EncoderInputs, *, step: int, decoder: Decoder
+    ) -> SparsityOutput | None:
+        """Optional fused path: encode and sparsify without the ``(batch, d_sae)`` product.
+
+        The SAE calls it instead of ``encoder`` + :meth:`forward` when the encoder is affine
+        and trains through :meth:`Encoder.affine` (``inputs`` holds ``x``, the centring shift,
+        ``W_enc`` and ``b_enc``). The codes must equal :meth:`forward`'s on
+        ``(x - shift) @ W_enc.T + b_enc``; ``aux_source`` is typically ``inputs``.
+
+        Returns:
+            The output, or None (the default) to decline: the dense path then runs.
+        """
+        return None
+
+    @property
+    def auxiliary_loss_switch(self) -> str | None:
+        """The config field that turns :meth:`auxiliary_losses` on, when it is on (e.g.
+        ``aux_coefficient``); None when the plugin computes no auxiliary term (the default).
+        The SAE refuses a point-wise plugin with one on concept maps, naming this field."""
+        return None
+
     def auxiliary_losses(
-        self, pre_acts: Tensor, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+        self, source: AuxSource | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
         """Extra loss terms that need the reconstruction (e.g. AuxK for dead latents).
 
         Args:
-            pre_acts: ``(batch, d_sae)`` encoder output.
+            source: the ``aux_source`` of this step's :class:`SparsityOutput`, or the
+                ``(batch, d_sae)`` pre-activations when the plugin set none.
             x: ``(batch, d_in)`` the input batch.
             residual: ``(batch, d_in)`` ``x - x_hat`` with ``x_hat`` detached.
             decoder: the decoder, to decode auxiliary codes.
@@ -303,6 +365,16 @@ class SparsityFn(Plugin, nn.Module):
             Every parameter slice that was rewritten, so its optimizer state can be reset.
         """
         return []
+
+    def peer_activation(self) -> PeerActivation | None:
+        """How SAELens and sparsify express this plugin at inference, or None (the default):
+        no equivalent, so export to those formats is refused.
+
+        Raises:
+            ValueError: with the reason, when the mapping needs state the plugin lacks yet
+                (e.g. a threshold measured in training); export reports it.
+        """
+        return None
 
 
 def supports_resampling(encoder: Encoder, decoder: Decoder) -> list[str]:

@@ -101,8 +101,8 @@ def fold_input_scale(sae: nn.Module, scale: float) -> nn.Module:
     ``s x - b_dec = s (x - b_dec / s)``, so the same folded ``b_dec`` serves both.
 
     Args:
-        sae: a :class:`~sae_lightning.sae.SparseAutoencoder` with a linear encoder (``W_enc``)
-            and a decoder that owns its dictionary (``W_dec``).
+        sae: a :class:`~sae_lightning.sae.SparseAutoencoder` whose encoder's ``affine()`` weight
+            and decoder's ``atoms()`` are parameters of their own (linear encoder and decoder).
         scale: the factor the training activations were multiplied by.
 
     Raises:
@@ -112,8 +112,9 @@ def fold_input_scale(sae: nn.Module, scale: float) -> nn.Module:
     if scale == 1.0:
         return copy.deepcopy(sae)
     encoder, decoder = sae.encoder, sae.decoder
-    w_enc = getattr(encoder, "W_enc", None)
-    w_dec = getattr(decoder, "W_dec", None)
+    affine = encoder.affine() if encoder.trains_through_affine else None
+    w_enc = None if affine is None else affine[0]
+    w_dec = decoder.atoms()
     if not isinstance(w_enc, nn.Parameter) or not isinstance(w_dec, nn.Parameter):
         raise ConfigError(
             "data.normalize",
@@ -122,7 +123,7 @@ def fold_input_scale(sae: nn.Module, scale: float) -> nn.Module:
             "use the linear encoder and decoder, or set data.normalize: none",
         )
     folded = copy.deepcopy(sae)
-    folded.encoder.W_enc.mul_(scale)
-    folded.decoder.W_dec.div_(scale)
+    folded.encoder.affine()[0].mul_(scale)
+    folded.decoder.atoms().div_(scale)
     folded.decoder.b_dec.div_(scale)
     return folded

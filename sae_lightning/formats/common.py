@@ -27,7 +27,8 @@ Activation = Literal["relu", "topk", "jumprelu"]
 
 SUPPORTED = (
     "relu -> 'standard', topk -> 'topk', jumprelu -> 'jumprelu', "
-    "batchtopk -> 'jumprelu' with one global threshold"
+    "batchtopk -> 'jumprelu' with one global threshold, and any plugin that declares its "
+    "equivalent with SparsityFn.peer_activation()"
 )
 """Human-readable list of the sparsity plugins the SAELens export accepts."""
 
@@ -121,14 +122,13 @@ def affine_parts(sae: torch.nn.Module, target: str) -> AffineSAE:
             the sparsity function has no equivalent in ``target``.
     """
     encoder, decoder = sae.encoder, sae.decoder
-    weight = encoder.weight()
-    if weight is None and callable(getattr(encoder, "dense_weight", None)):
-        weight = encoder.dense_weight()  # sparse-parameterised encoders (e.g. expander)
-    if weight is None:
+    affine = encoder.affine()
+    if affine is None:
         raise UnsupportedArchitectureError(
             f"encoder {type(encoder).__name__} exposes no weight matrix; {target} stores a dense "
             "linear encoder W_enc, so only affine encoders can be exported"
         )
+    weight = affine[0]
     d_in, d_sae = int(sae.d_in), int(sae.d_sae)
     zero = torch.zeros(1, d_in, dtype=weight.dtype, device=weight.device)
     bias = encoder(zero).squeeze(0).detach().float().cpu()  # exact: W 0 + b = b
@@ -149,10 +149,10 @@ def affine_parts(sae: torch.nn.Module, target: str) -> AffineSAE:
         codes @ atoms + b_dec,
         f"{target} can only express a linear dictionary",
     )
-    activation, k, threshold = sparsity_of(sae, target)
+    activation, k, threshold, bias_shift = sparsity_of(sae, target)
     return AffineSAE(
         weight.contiguous(),
-        bias.contiguous(),
+        (bias + bias_shift).contiguous(),
         atoms.contiguous(),
         b_dec.contiguous(),
         bool(encoder.center_input),
@@ -162,42 +162,77 @@ def affine_parts(sae: torch.nn.Module, target: str) -> AffineSAE:
     )
 
 
-def sparsity_of(sae: torch.nn.Module, target: str) -> tuple[Activation, int | None, Tensor | None]:
-    """Map the SAE's sparsity plugin onto ``(activation, k, threshold)``.
+def sparsity_of(
+    sae: torch.nn.Module, target: str
+) -> tuple[Activation, int | None, Tensor | None, Tensor]:
+    """Map the SAE's sparsity plugin onto ``(activation, k, threshold, bias shift)``.
 
-    Only the core plugins are mapped, by exact class, so a subclass that changes the
-    activation (e.g. a signed TopK) is refused instead of exported wrongly.
+    The plugin declares its equivalent (``SparsityFn.peer_activation``); the declaration is
+    checked on probe pre-activations, so a plugin that computes something else (e.g. a
+    subclass of TopK that shifts its inputs) is refused instead of exported wrongly.
 
     Raises:
-        UnsupportedArchitectureError: for any other plugin, or a BatchTopK SAE whose inference
-            threshold was never measured.
+        UnsupportedArchitectureError: the plugin declares no equivalent, cannot state it yet
+            (a BatchTopK SAE whose inference threshold was never measured), or does not
+            compute what it declares.
     """
-    from sae_lightning.components.sparsity.batchtopk import BatchTopK
-    from sae_lightning.components.sparsity.jumprelu import JumpReLU
-    from sae_lightning.components.sparsity.relu import ReLUL1
-    from sae_lightning.components.sparsity.topk import TopK
-
     sparsity = sae.sparsity
     kind = type(sparsity)
-    if kind is ReLUL1:
-        return "relu", None, None
-    if kind is TopK:
-        return "topk", int(sparsity.config.k), None
-    if kind is JumpReLU:
-        return "jumprelu", None, sparsity.threshold.detach().float().cpu().contiguous()
-    if kind is BatchTopK:
-        theta = float(sparsity.threshold)
-        if theta < 0:
-            raise UnsupportedArchitectureError(
-                "this BatchTopK SAE has no inference threshold yet (it is set during training); "
-                f"{target} stores BatchTopK as JumpReLU with that global threshold, so train it "
-                "for at least one step before exporting"
-            )
-        return "jumprelu", None, torch.full((int(sae.d_sae),), theta, dtype=torch.float32)
-    name = sae.specs["sparsity"].get("name", kind.__name__) if hasattr(sae, "specs") else "?"
-    raise UnsupportedArchitectureError(
-        f"sparsity '{name}' ({kind.__module__}.{kind.__name__}) has no {target} equivalent; "
-        f"supported: {SUPPORTED}"
+    name = f"sparsity '{sae.spec.sparsity.get('name', kind.__name__)}'"
+    where = f"{name} ({kind.__module__}.{kind.__name__})"
+    try:
+        peer = sparsity.peer_activation()
+    except ValueError as err:
+        raise UnsupportedArchitectureError(f"{err} ({target})") from None
+    if peer is None:
+        raise UnsupportedArchitectureError(
+            f"{where} has no {target} equivalent; supported: {SUPPORTED}"
+        )
+    d_sae = int(sae.d_sae)
+    shift = torch.as_tensor(peer.bias_shift, dtype=torch.float32).expand(d_sae).clone()
+    threshold = None
+    if peer.threshold is not None:
+        threshold = peer.threshold.detach().float().cpu().expand(d_sae).contiguous()
+    _check_declared_activation(sae, peer.activation, peer.k, threshold, shift, where, target)
+    return peer.activation, peer.k, threshold, shift
+
+
+def _check_declared_activation(
+    sae: torch.nn.Module,
+    activation: Activation,
+    k: int | None,
+    threshold: Tensor | None,
+    shift: Tensor,
+    where: str,
+    target: str,
+) -> None:
+    """Compare the plugin's inference codes with the declared activation on probe inputs."""
+    sparsity, d_sae = sae.sparsity, int(sae.d_sae)
+    z = _probe(d_sae, seed=7) * 2
+    h = z + shift
+    if activation == "topk":
+        if k is None or not 0 < k <= d_sae:
+            raise UnsupportedArchitectureError(f"{where} declares topk with k={k}")
+        values, indices = h.topk(k, dim=1)
+        want = torch.zeros_like(h).scatter(1, indices, torch.relu(values))
+    elif activation == "jumprelu":
+        if threshold is None:
+            raise UnsupportedArchitectureError(f"{where} declares jumprelu without thresholds")
+        want = torch.relu(h) * (h > torch.relu(threshold))
+    else:
+        want = torch.relu(h)
+    training = sparsity.training
+    sparsity.eval()  # inference codes, and no running statistics updated
+    try:
+        param = next(iter(sparsity.parameters()), sae.decoder.b_dec)
+        got = sparsity(z.to(param), step=0, decoder=sae.decoder).codes.dense().float().cpu()
+    finally:
+        sparsity.train(training)
+    _check_close(
+        f"{where} does not compute the {target} activation it declares ({activation})",
+        got,
+        want,
+        f"supported: {SUPPORTED}",
     )
 
 

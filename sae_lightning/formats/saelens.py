@@ -92,9 +92,7 @@ def export_saelens(
 def _provenance(sae: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
     from sae_lightning._version import __version__
 
-    info: dict[str, Any] = {"version": __version__}
-    if callable(getattr(sae, "config_dict", None)):
-        info["source"] = sae.config_dict()
+    info: dict[str, Any] = {"version": __version__, "source": sae.config_dict()}
     info.update(extra)
     return info
 

@@ -1,23 +1,25 @@
-"""Hand-written training kernels: sparse TopK encoding whose backward touches only k latents.
+"""Hand-written training kernels: sparse encoding whose backward touches only the kept latents.
 
 Nothing here knows about plugins; the sparsity plugins call these functions from their
-``fused_encode`` method (see ``docs/architecture.md``, "The sparse TopK hot path").
+``fused_encode`` method (see ``docs/architecture.md``, "The sparse TopK hot path"). One job a
+module: :mod:`~sae_lightning.kernels.select` (which entries a sparsity keeps),
+:mod:`~sae_lightning.kernels.encode` (the encoder product fused with a selection),
+:mod:`~sae_lightning.kernels.decode` (the sparse decoder product),
+:mod:`~sae_lightning.kernels.weight_grad` (the sparse weight gradient both backwards use) and
+:mod:`~sae_lightning.kernels.memory` (buffers kept from step to step).
 """
 
-from sae_lightning.kernels.topk_encoder import (
-    DEFAULT_CHUNK_BYTES,
+from sae_lightning.kernels.decode import SparseDecode, sampled_dots, sparse_decode
+from sae_lightning.kernels.encode import (
     EncoderInputs,
-    SparseDecode,
     TopKEncoder,
     batch_topk_encode,
-    batch_topk_select,
-    release_workspace,
-    sampled_dots,
-    sparse_decode,
-    sparse_weight_grad,
+    threshold_encode,
     topk_encode,
-    topk_select,
 )
+from sae_lightning.kernels.memory import DEFAULT_CHUNK_BYTES
+from sae_lightning.kernels.select import batch_topk_select, threshold_select, topk_select
+from sae_lightning.kernels.weight_grad import sparse_weight_grad
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -26,10 +28,11 @@ __all__ = [
     "TopKEncoder",
     "batch_topk_encode",
     "batch_topk_select",
-    "release_workspace",
     "sampled_dots",
     "sparse_decode",
     "sparse_weight_grad",
+    "threshold_encode",
+    "threshold_select",
     "topk_encode",
     "topk_select",
 ]

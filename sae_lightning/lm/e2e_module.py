@@ -20,18 +20,15 @@ held-out activations; the ``e2e_kl`` callback adds KL and CE recovered on held-o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from sae_lightning.components.base import data_parallel_world_size
-from sae_lightning.config import PluginSpec
 from sae_lightning.errors import ConfigError
 from sae_lightning.lm.hooks import HookIO
-from sae_lightning.metrics import fvu
 from sae_lightning.module import SAEModule, StepOutput
+from sae_lightning.step_metrics import core_metrics
 
 E2E_MODES = ("e2e", "e2e_ds")
 
@@ -49,21 +46,36 @@ class E2ETarget:
     """Later module paths whose activations the e2e_ds terms compare (empty for e2e)."""
 
 
+@runtime_checkable
+class LanguageModelData(Protocol):
+    """A data module whose activations come from a language model it can hand out."""
+
+    def language_model(self) -> Any:
+        """The LM the activations come from (an ``LMHandle``: model, hooks, io, scale)."""
+
+
+@runtime_checkable
+class TokenBatchData(LanguageModelData, Protocol):
+    """A data module that can train on token batches: what e2e training needs of its data."""
+
+    def use_token_batches(self) -> None:
+        """Make the training loader yield ``(ids, keep)`` token batches instead of activations."""
+
+
 def use_token_batches(datamodule: Any) -> None:
     """Switch language-model data to token batches for e2e training.
 
     Raises:
         ConfigError: naming ``model.loss.mode`` when the data cannot yield token batches.
     """
-    switch = getattr(datamodule, "use_token_batches", None)
-    if switch is None:
+    if not isinstance(datamodule, TokenBatchData):
         raise ConfigError(
             "model.loss.mode",
             "e2e training runs the language model on token batches, but the data module is "
             f"{type(datamodule).__name__}",
             "use data lm_activations (with or without cache_dir), or set model.loss.mode: local",
         )
-    switch()
+    datamodule.use_token_batches()
 
 
 def downstream_hooks(model: nn.Module, hook: str, io: HookIO, pattern: str | None) -> list[str]:
@@ -109,31 +121,11 @@ class E2ESAEModule(SAEModule):
         ConfigError: naming ``model.loss.mode`` when it is ``local``.
     """
 
-    takes_token_batches = True
-    """Its training batches are token ids, not activations (the runner's preflight skips the
-    activation checks of the training loader)."""
+    loss_modes: ClassVar[tuple[str, ...]] = E2E_MODES
+    takes_token_batches: ClassVar[bool] = True
+    _target: E2ETarget | None = None  # a dataclass, so the LM is no submodule; set on first use
 
-    def __init__(
-        self,
-        d_in: int,
-        d_sae: int,
-        encoder: PluginSpec,
-        decoder: PluginSpec,
-        sparsity: PluginSpec,
-        optimizer: dict[str, Any] | None = None,
-        loss: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(d_in, d_sae, encoder, decoder, sparsity, optimizer, loss)
-        if self.loss_config.mode not in E2E_MODES:
-            raise ConfigError(
-                "model.loss.mode",
-                f"is {self.loss_config.mode!r}, but E2ESAEModule trains e2e or e2e_ds",
-                "use SAEModule for local training",
-            )
-        self._target: E2ETarget | None = None  # a dataclass, so the LM is no submodule
-
-    @staticmethod
-    def prepare_data_module(datamodule: Any) -> None:
+    def configure_data_module(self, datamodule: Any) -> None:
         """Switch ``datamodule`` to token batches (see :func:`use_token_batches`)."""
         use_token_batches(datamodule)
 
@@ -200,42 +192,10 @@ class E2ESAEModule(SAEModule):
             terms["downstream"] = self.loss_config.downstream_coefficient * lm_terms.downstream
         terms.update(run.penalties)
         loss = torch.stack([t.to(dtype) for t in terms.values()]).sum()
-
-        with torch.no_grad():
-            metrics = {"train/loss": loss.detach()}
-            metrics.update({f"train/loss/{k}": v.detach().float() for k, v in terms.items()})
-            metrics["train/kl"] = lm_terms.kl.detach().float()
-            if target.downstream:
-                metrics["train/downstream_mse"] = lm_terms.downstream.detach().float()
-            metrics["train/l0"] = run.codes.l0().float().mean()
-            metrics["train/fvu"] = fvu(x, run.x_hat).float()
-            fire_counts = run.codes.fire_counts()
-            n_tokens: int | Tensor = x.shape[0]
-            world = data_parallel_world_size()
-            if world > 1:
-                metrics, fire_counts, n_tokens = _reduce_over_ranks(
-                    metrics, fire_counts, x.shape[0], world
-                )
-            self._update_dead_counters(fire_counts, n_tokens)
-            metrics[self.dead_key] = self.dead_mask().float().mean()
+        metrics = core_metrics(loss, terms, run.codes)
+        metrics["train/kl"] = lm_terms.kl.detach().float()
+        if target.downstream:
+            metrics["train/downstream_mse"] = lm_terms.downstream.detach().float()
+        residual = (x - run.x_hat).detach()
+        metrics = self.finish_step_metrics(metrics, x, residual, x.shape[0], run.codes)
         return StepOutput(loss, terms, metrics)
-
-
-@torch.no_grad()
-def _reduce_over_ranks(
-    metrics: dict[str, Tensor], fire_counts: Tensor, n_tokens: int, world: int
-) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """One all-reduce: metrics averaged over ranks (FVU too: a mean of per-rank FVUs), fire
-    counts and token counts summed."""
-    names = list(metrics)
-    packed = torch.cat(
-        [
-            torch.stack([metrics[k].double() for k in names]) / world,
-            fire_counts.double(),
-            fire_counts.new_tensor([n_tokens], dtype=torch.float64),
-        ]
-    )
-    dist.all_reduce(packed)
-    reduced = {k: packed[i].float() for i, k in enumerate(names)}
-    n = len(names)
-    return reduced, packed[n:-1].round().long(), packed[-1].round().long()

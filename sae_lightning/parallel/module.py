@@ -84,7 +84,9 @@ class ShardedSAEModule(SAEModule):
     def on_validation_epoch_start(self) -> None:
         # The synthetic data's reference metrics and atom images (rank 0 only) read the whole
         # dictionary: gather it here, where every rank takes part. Such dictionaries are small.
-        has_atoms = hasattr(self.trainer.datamodule, "reference_metrics")
+        from sae_lightning.callbacks.reference_metrics import ReferenceMetricsData
+
+        has_atoms = isinstance(self.trainer.datamodule, ReferenceMetricsData)
         self._atoms = self.sae.decoder.W_dec.detach().full_tensor() if has_atoms else None
 
     # ---- training -------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class ShardedSAEModule(SAEModule):
         else:
             recon = self.reconstruction_loss(x, out.x_hat, diff)
         aux: dict[str, Tensor] = {}
-        if getattr(self.sae.sparsity.config, "aux_coefficient", 0.0) > 0:
+        if self.sae.sparsity.auxiliary_loss_switch is not None:
             n_dead = self._dead_count()
             if n_dead and variance is None:
                 variance = variance_share(x, layout)

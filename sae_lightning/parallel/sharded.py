@@ -203,9 +203,9 @@ def sharded_auxk(
         variance: this data-parallel rank's share of the global batch's total variance.
     """
     sparsity = sae.sparsity
-    coefficient = getattr(sparsity.config, "aux_coefficient", 0.0)
-    if not isinstance(sparsity, TopK | BatchTopK) or coefficient == 0:
+    if not isinstance(sparsity, TopK | BatchTopK) or sparsity.config.aux_coefficient == 0:
         return {}
+    coefficient = sparsity.config.aux_coefficient
     k_aux = min(sparsity.k_aux, layout.d_sae)
     if n_dead == 0:
         return {"auxk": pre_acts.new_zeros(())}

@@ -121,6 +121,12 @@ class ExpanderEncoder(Encoder):
         state["_last"] = (_dead_ref, _dead_ref)  # weak references cannot be pickled
         return state
 
+    trains_through_affine = False  # affine() builds the dense matrix: export only
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """The dense ``(W_enc, b_enc)`` (built by :meth:`dense_weight`), for export only."""
+        return self.dense_weight(), self.b_enc.detach()
+
     def fused_sparsify(
         self, x: Tensor, sparsity: SparsityFn, *, step: int, decoder: Decoder
     ) -> SparsityOutput | None:
@@ -129,10 +135,6 @@ class ExpanderEncoder(Encoder):
         from sae_expander.sparsify import fused_sparsify
 
         return fused_sparsify(self, x, sparsity, decoder)
-
-    def weight(self) -> Tensor | None:
-        """None: the encoder is sparse; :meth:`dense_weight` builds the matrix when needed."""
-        return None
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_expander.kernels import MaskLayout, selected_backward
-from sae_lightning.kernels.topk_encoder import _BLOCK, threshold_select
+from sae_lightning.kernels.select import _BLOCK, threshold_select
 
 WORKSPACE_BYTES = 8 * 2**20
 """Largest block of pre-activations held at once. Rows are also capped so that the transposed

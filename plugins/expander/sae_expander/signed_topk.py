@@ -32,7 +32,7 @@ from sae_lightning.components.base import (
 )
 from sae_lightning.components.sparsity.auxk import AuxKConfig
 from sae_lightning.errors import ConfigError
-from sae_lightning.kernels.topk_encoder import topk_select
+from sae_lightning.kernels.select import topk_select
 
 AuxSource = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 """``(dead, k_aux) -> (values, indices)``: each row's top ``min(k_aux, n_dead)`` pre-activations

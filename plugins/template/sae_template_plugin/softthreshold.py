@@ -2,7 +2,8 @@
 
 This is the template for a third-party sparsity plugin: a pydantic ``Config``, a class that
 implements :class:`sae_lightning.components.base.SparsityFn`, and one entry point in
-``pyproject.toml``. Nothing in the core knows it exists.
+``pyproject.toml``. Nothing in the core knows it exists. It also declares its SAELens
+equivalent (:meth:`SoftThreshold.peer_activation`), so it exports to that format.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput
+from sae_lightning.components.base import (
+    Codes,
+    Decoder,
+    PeerActivation,
+    SparsityFn,
+    SparsityOutput,
+)
 from sae_lightning.config import PluginConfig
 
 
@@ -32,3 +39,7 @@ class SoftThreshold(SparsityFn):
         if self.config.l1_coefficient > 0:
             losses["l1"] = self.config.l1_coefficient * acts.sum(dim=1).mean()
         return SparsityOutput(Codes(acts, None, self.d_sae), losses)
+
+    def peer_activation(self) -> PeerActivation:
+        """``ReLU(z - t)`` is SAELens ``standard`` (ReLU) with ``t`` taken off the encoder bias."""
+        return PeerActivation("relu", bias_shift=-self.config.threshold)

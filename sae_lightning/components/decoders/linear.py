@@ -34,9 +34,9 @@ class LinearDecoder(Decoder):
         self, config: LinearDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
     ) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
-        w_enc = encoder.weight()
-        if config.init_from_encoder and w_enc is not None and w_enc.shape == (d_sae, d_in):
-            w = w_enc.detach().clone()
+        affine = encoder.affine()
+        if config.init_from_encoder and affine is not None and affine[0].shape == (d_sae, d_in):
+            w = affine[0].detach().clone()
         else:
             w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -27,7 +27,8 @@ class TiedDecoder(Decoder):
         self, config: TiedDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
     ) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
-        w = encoder.weight()
+        affine = encoder.affine()
+        w = None if affine is None else affine[0]
         if w is None or tuple(w.shape) != (d_sae, d_in):
             raise ConfigError(
                 "name",
@@ -40,16 +41,20 @@ class TiedDecoder(Decoder):
         self._encoder_ref = [encoder]
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
+    def _encoder_weight(self) -> Tensor:
+        affine = self._encoder_ref[0].affine()
+        assert affine is not None  # checked at construction
+        return affine[0]
+
     def atoms(self) -> Tensor:
-        w = self._encoder_ref[0].weight()
-        assert w is not None
+        w = self._encoder_weight()
         if self.config.normalize:
             return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return w
 
     def atom_norms(self) -> Tensor:
         if self.config.normalize:
-            return self._encoder_ref[0].weight().new_ones(self.d_sae)
+            return self._encoder_weight().new_ones(self.d_sae)
         return super().atom_norms()
 
     @torch.no_grad()

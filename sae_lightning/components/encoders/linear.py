@@ -37,8 +37,8 @@ class LinearEncoder(Encoder):
         # (batch, d_in) @ (d_in, d_sae) -> (batch, d_sae)
         return torch.addmm(self.b_enc, x, self.W_enc.t())
 
-    def weight(self) -> Tensor:
-        return self.W_enc
+    def affine(self) -> tuple[Tensor, Tensor]:
+        return self.W_enc, self.b_enc
 
     @torch.no_grad()
     def resample_rows(self, ids: Tensor, directions: Tensor, norm: Tensor) -> list[Touched]:

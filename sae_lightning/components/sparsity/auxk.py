@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import Codes, Decoder, total_variance_share
+from sae_lightning.components.base import AuxSource, Codes, Decoder, total_variance_share
 from sae_lightning.config import PluginConfig
-from sae_lightning.kernels.topk_encoder import EncoderInputs, topk_encode
+from sae_lightning.kernels.encode import EncoderInputs, topk_encode
 
 
 class AuxKConfig(PluginConfig):
@@ -88,8 +88,7 @@ def fused_auxk_loss(
 def auxk_terms(
     owner: str,
     coefficient: float,
-    pre_acts: Tensor | None,
-    inputs: EncoderInputs | None,
+    source: AuxSource | None,
     x: Tensor,
     residual: Tensor,
     decoder: Decoder,
@@ -98,28 +97,29 @@ def auxk_terms(
 ) -> dict[str, Tensor]:
     """``{"auxk": coefficient * term}`` for a TopK-family plugin's ``auxiliary_losses``.
 
-    The dense term when ``pre_acts`` is given, the fused one from ``inputs`` (what the plugin's
-    ``fused_encode`` kept this step) otherwise; ``{}`` when ``coefficient`` is 0.
+    The dense term from ``(batch, d_sae)`` pre-activations, the fused one from the encoder's
+    inputs (the ``aux_source`` of the plugin's ``fused_encode``); ``{}`` when ``coefficient``
+    is 0.
 
     Args:
         owner: the plugin's class name, for the error message.
         coefficient: ``aux_coefficient``.
-        pre_acts, inputs: the two ways to reach the dead latents' pre-activations.
+        source: the pre-activations or the encoder inputs of this step.
         x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
 
     Raises:
-        ValueError: neither ``pre_acts`` nor ``inputs`` is available.
+        ValueError: ``source`` is None.
     """
     if coefficient == 0:
         return {}
-    if pre_acts is not None:
-        aux = auxk_loss(pre_acts, x, residual, decoder, dead, k_aux)
-    elif inputs is not None:
-        aux = fused_auxk_loss(inputs, x, residual, decoder, dead, k_aux)
+    if isinstance(source, EncoderInputs):
+        aux = fused_auxk_loss(source, x, residual, decoder, dead, k_aux)
+    elif source is not None:
+        aux = auxk_loss(source, x, residual, decoder, dead, k_aux)
     else:
         raise ValueError(
-            f"{owner}.auxiliary_losses got pre_acts=None but no fused forward with gradients "
-            "ran before it; pass the (batch, d_sae) pre-activations, or call it right after "
-            "SparseAutoencoder.run in the same training step"
+            f"{owner}.auxiliary_losses got no source; pass the aux_source of this step's "
+            "SparseAutoencoder.run output (ForwardOutput.aux_source), or the (batch, d_sae) "
+            "pre-activations"
         )
     return {"auxk": coefficient * aux}

@@ -15,7 +15,7 @@ batch, and every rank updates the running threshold identically. This needs equa
 sizes, as Lightning's DDP gives.
 
 With a linear encoder the SAE calls :meth:`BatchTopK.fused_encode`: the same rule and the same
-collective on the sparse path of :mod:`sae_lightning.kernels.topk_encoder`, whose codes are
+collective on the sparse path of :mod:`sae_lightning.kernels.encode`, whose codes are
 ``(index, value)`` pairs padded to the widest row and whose backward touches only the kept
 entries. :meth:`BatchTopK.forward` is the dense path and the reference it is tested against.
 """
@@ -28,15 +28,17 @@ from pydantic import Field
 from torch import Tensor
 
 from sae_lightning.components.base import (
+    AuxSource,
     Codes,
     Decoder,
+    PeerActivation,
     SparsityFn,
     SparsityOutput,
     data_parallel_world_size,
 )
 from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_terms
 from sae_lightning.components.sparsity.topk import check_k
-from sae_lightning.kernels.topk_encoder import (
+from sae_lightning.kernels.encode import (
     EncoderInputs,
     batch_topk_encode,
     threshold_encode,
@@ -125,8 +127,6 @@ class BatchTopK(SparsityFn):
         # Negative means "not measured yet"; inference then falls back to batch selection.
         # Kept in fp32 whatever the training precision.
         self.register_buffer("threshold", torch.tensor(-1.0))
-        # What the last fused forward fed the encoder, for the fused AuxK term of the same step.
-        self._encoder_inputs: EncoderInputs | None = None
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         acts = torch.relu(pre_acts)
@@ -139,9 +139,7 @@ class BatchTopK(SparsityFn):
             codes = batch_topk(acts, self.config.k)
         return SparsityOutput(Codes(codes, None, self.d_sae), {})
 
-    def fused_encode(
-        self, inputs: EncoderInputs, *, step: int, decoder: Decoder
-    ) -> tuple[SparsityOutput, Tensor | None]:
+    def fused_encode(self, inputs: EncoderInputs, *, step: int, decoder: Decoder) -> SparsityOutput:
         """The rule of :meth:`forward` on the sparse path, without ``(batch, d_sae)`` codes.
 
         Training selects over the global batch (the same all-gather as :meth:`forward`) and
@@ -153,8 +151,8 @@ class BatchTopK(SparsityFn):
             step, decoder: as for :meth:`forward`.
 
         Returns:
-            Sparse codes padded to the widest row (padded slots are zeros at latent 0), and
-            None for the pre-activations, which are never materialised.
+            Sparse codes padded to the widest row (padded slots are zeros at latent 0), with
+            ``inputs`` as the ``aux_source`` (the pre-activations are never materialised).
         """
         k, batch = self.config.k, inputs.x.shape[0]
         if self.training:
@@ -179,8 +177,7 @@ class BatchTopK(SparsityFn):
             values, indices, _ = batch_topk_encode(
                 inputs, k * batch, threshold_of=local_threshold, positive=True
             )
-        self._encoder_inputs = inputs if torch.is_grad_enabled() else None
-        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}), None
+        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}, inputs)
 
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:
@@ -191,18 +188,29 @@ class BatchTopK(SparsityFn):
         )
         self.threshold.copy_(torch.where(has_any, ema, old))
 
+    @property
+    def auxiliary_loss_switch(self) -> str | None:
+        return "aux_coefficient" if self.config.aux_coefficient > 0 else None
+
     def auxiliary_losses(
-        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+        self, source: AuxSource | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
-        inputs, self._encoder_inputs = self._encoder_inputs, None
         return auxk_terms(
-            "BatchTopK",
-            self.config.aux_coefficient,
-            pre_acts,
-            inputs,
-            x,
-            residual,
-            decoder,
-            dead,
-            self.k_aux,
+            "BatchTopK", self.config.aux_coefficient, source, x, residual, decoder, dead, self.k_aux
         )
+
+    def peer_activation(self) -> PeerActivation:
+        """JumpReLU with the running inference threshold for every latent (SAELens has no
+        BatchTopK at inference: it is that threshold rule).
+
+        Raises:
+            ValueError: the threshold was never measured (no training step).
+        """
+        theta = float(self.threshold)
+        if theta < 0:
+            raise ValueError(
+                "this BatchTopK SAE has no inference threshold yet (it is set during training); "
+                "the peer formats store BatchTopK as JumpReLU with that global threshold, so "
+                "train it for at least one step before exporting"
+            )
+        return PeerActivation("jumprelu", threshold=torch.full((self.d_sae,), theta))

@@ -21,7 +21,14 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput, Touched
+from sae_lightning.components.base import (
+    Codes,
+    Decoder,
+    PeerActivation,
+    SparsityFn,
+    SparsityOutput,
+    Touched,
+)
 from sae_lightning.components.sparsity.relu import warmup_factor
 from sae_lightning.config import PluginConfig
 
@@ -106,3 +113,7 @@ class JumpReLU(SparsityFn):
         """Resampled latents start again from ``init_threshold``."""
         self.log_threshold[ids] = math.log(self.config.init_threshold)
         return [Touched(self.log_threshold, ids)]
+
+    def peer_activation(self) -> PeerActivation:
+        """SAELens ``jumprelu`` with these per-latent thresholds."""
+        return PeerActivation("jumprelu", threshold=self.threshold.detach().float().cpu())

@@ -6,7 +6,13 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput
+from sae_lightning.components.base import (
+    Codes,
+    Decoder,
+    PeerActivation,
+    SparsityFn,
+    SparsityOutput,
+)
 from sae_lightning.config import PluginConfig
 
 
@@ -39,3 +45,7 @@ class ReLUL1(SparsityFn):
             l1 = acts.sum(dim=1).mean()
         coeff = self.config.l1_coefficient * warmup_factor(step, self.config.warmup_steps)
         return SparsityOutput(Codes(acts, None, self.d_sae), {"l1": coeff * l1})
+
+    def peer_activation(self) -> PeerActivation:
+        """SAELens ``standard``: a plain ReLU (the L1 penalty is training-only)."""
+        return PeerActivation("relu")

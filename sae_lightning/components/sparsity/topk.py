@@ -2,7 +2,7 @@
 
 With a linear encoder the SAE calls :meth:`TopK.fused_encode`, which never materialises the
 ``(batch, d_sae)`` pre-activations and whose backward touches only the ``k`` selected latents
-per row (:mod:`sae_lightning.kernels.topk_encoder`). :meth:`TopK.forward` is the dense path for
+per row (:mod:`sae_lightning.kernels.encode`). :meth:`TopK.forward` is the dense path for
 any other encoder, and the reference the fused path is tested against.
 """
 
@@ -12,10 +12,18 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput
+from sae_lightning.components.base import (
+    AuxSource,
+    Codes,
+    Decoder,
+    PeerActivation,
+    SparsityFn,
+    SparsityOutput,
+)
 from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_terms
 from sae_lightning.errors import ConfigError
-from sae_lightning.kernels.topk_encoder import EncoderInputs, topk_encode, topk_select
+from sae_lightning.kernels.encode import EncoderInputs, topk_encode
+from sae_lightning.kernels.select import topk_select
 
 
 class TopKConfig(AuxKConfig):
@@ -42,16 +50,12 @@ class TopK(SparsityFn):
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         check_k(config.k, d_sae)
         self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
-        # What the last fused forward fed the encoder, for the fused AuxK term of the same step.
-        self._encoder_inputs: EncoderInputs | None = None
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         values, indices = topk_select(pre_acts, self.config.k)  # (batch, k)
         return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {})
 
-    def fused_encode(
-        self, inputs: EncoderInputs, *, step: int, decoder: Decoder
-    ) -> tuple[SparsityOutput, Tensor | None]:
+    def fused_encode(self, inputs: EncoderInputs, *, step: int, decoder: Decoder) -> SparsityOutput:
         """Encode and select in one sparse autograd step: the top k of ``inputs``' product.
 
         Args:
@@ -59,25 +63,24 @@ class TopK(SparsityFn):
             step, decoder: as for :meth:`forward`.
 
         Returns:
-            The codes, and None for the pre-activations, which are never materialised; the
-            AuxK term of the same step recomputes what it needs from the inputs kept here.
+            The codes, with ``inputs`` as the ``aux_source``: the pre-activations are never
+            materialised, and the AuxK term of the same step recomputes what it needs.
         """
         values, indices = topk_encode(inputs, self.config.k)
-        self._encoder_inputs = inputs if torch.is_grad_enabled() else None
-        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}), None
+        codes = Codes(torch.relu(values), indices, self.d_sae)
+        return SparsityOutput(codes, {}, inputs)
+
+    @property
+    def auxiliary_loss_switch(self) -> str | None:
+        return "aux_coefficient" if self.config.aux_coefficient > 0 else None
 
     def auxiliary_losses(
-        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+        self, source: AuxSource | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
-        inputs, self._encoder_inputs = self._encoder_inputs, None
         return auxk_terms(
-            "TopK",
-            self.config.aux_coefficient,
-            pre_acts,
-            inputs,
-            x,
-            residual,
-            decoder,
-            dead,
-            self.k_aux,
+            "TopK", self.config.aux_coefficient, source, x, residual, decoder, dead, self.k_aux
         )
+
+    def peer_activation(self) -> PeerActivation:
+        """SAELens ``topk`` and sparsify's TopK: ReLU of the ``k`` largest pre-activations."""
+        return PeerActivation("topk", k=int(self.config.k))

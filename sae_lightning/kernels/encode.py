@@ -1,0 +1,229 @@
+"""The encoder product fused with a selection, whose backward touches only the selected latents.
+
+For a TopK SAE the only unavoidable dense work is the encoder product ``x @ W_enc.T``
+(``2 * batch * d_in * d_sae`` FLOPs). Differentiating through the dense ``(batch, d_sae)``
+pre-activations costs two more products of that size (the gradients of ``x`` and ``W_enc``).
+Only ``k`` entries per row were selected, so with ``g`` the ``(batch, k)`` gradient of the
+selected values and ``idx`` their latent ids, the backward needs ``batch * k * d_in`` work:
+
+- ``grad_W[i] = sum over (b, j) with idx[b, j] == i of g[b, j] x[b]``: the pairs sorted by
+  latent, each touched row accumulated once, no ``(batch, k, d_in)`` tensor
+  (:func:`~sae_lightning.kernels.weight_grad.sparse_weight_grad`);
+- ``grad_b[i]``: an ``index_add_`` of ``batch * k`` scalars;
+- the input's gradient only where it is needed: for the centring shift ``b_dec`` it is
+  ``-grad_b @ W``, for ``x`` itself an ``embedding_bag`` gather of ``k`` rows.
+
+The forward computes the product in row chunks of at most
+:data:`~sae_lightning.kernels.memory.DEFAULT_CHUNK_BYTES` and keeps only the selected
+``(batch, k)`` values and ids, so no ``(batch, d_sae)`` tensor outlives it. The same code runs
+on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_lightning.kernels.memory import WORKSPACE, default_chunk_rows
+from sae_lightning.kernels.select import (
+    Selection,
+    ThresholdFn,
+    batch_topk_select,
+    concat,
+    threshold_select,
+    topk_selection,
+)
+from sae_lightning.kernels.weight_grad import sparse_weight_grad
+
+
+class EncoderInputs(NamedTuple):
+    """A linear encoder's inputs: it computes ``(x - shift) @ weight.T + bias``.
+
+    The SAE builds this for a sparsity plugin's ``fused_encode``; the plugin may keep it for
+    the auxiliary loss of the same step.
+    """
+
+    x: Tensor
+    """``(batch, d_in)`` the batch as the SAE received it."""
+    shift: Tensor | None
+    """``(d_in,)`` subtracted from ``x`` first (the decoder bias when the encoder centres
+    inputs), or None."""
+    weight: Tensor
+    """``(d_sae, d_in)`` encoder matrix ``W_enc``."""
+    bias: Tensor | None
+    """``(d_sae,)`` encoder bias ``b_enc``, or None."""
+
+
+class TopKEncoder(torch.autograd.Function):
+    """``select((x - shift) @ weight[rows].T + bias[rows])``, backward over selected pairs only.
+
+    ``forward(x, shift, weight, bias, select, rows, chunk_rows) -> (values, indices)``, with the
+    tensors of :class:`EncoderInputs`; ``select`` maps a ``(rows, n)`` block of pre-activations
+    to a :data:`Selection`; ``rows`` (optional ``(n,)`` latent ids) restricts the product to
+    those latents (AuxK's dead ones); ``chunk_rows`` (None: the whole batch) bounds the rows
+    multiplied at once, and must be None for a selection across rows (BatchTopK). ``indices``
+    are global latent ids and carry no gradient; padded slots of ``values`` are 0 and pass no
+    gradient. The gradient of ``shift`` is ``-grad_bias @ weight``, a matrix-vector product,
+    so no per-row input gradient is formed unless ``x`` itself requires one.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        shift: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        select: Callable[[Tensor], Selection],
+        rows: Tensor | None,
+        chunk_rows: int | None,
+    ) -> tuple[Tensor, Tensor]:
+        x_enc = x if shift is None else x - shift  # (batch, d_in)
+        w = weight if rows is None else weight.index_select(0, rows)  # (n, d_in)
+        b = None if bias is None else (bias if rows is None else bias.index_select(0, rows))
+        batch = x.shape[0]
+        step = batch if chunk_rows is None else max(1, min(chunk_rows, batch))
+        if step >= batch and x.device.type != "cpu":
+            values, indices, valid = select(_affine(x_enc, w, b))
+        else:
+            with WORKSPACE.borrow(step * w.shape[0], x) as buf:
+                chunk = buf.view(step, w.shape[0])  # (step, n), reused by every chunk
+                parts = [
+                    select(_affine(x_enc[i : i + step], w, b, out=chunk[: min(step, batch - i)]))
+                    for i in range(0, batch, step)
+                ]
+            values, indices, valid = concat(parts)
+        if rows is not None:
+            indices = rows[indices]
+        ctx.save_for_backward(x_enc, weight, indices, valid)
+        ctx.has_shift = shift is not None
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_values: Tensor, grad_indices: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x_enc, weight, indices, valid = ctx.saved_tensors
+        need_x, need_shift, need_w, need_b = ctx.needs_input_grad[:4]
+        g = grad_values.to(weight.dtype)
+        if valid is not None:
+            g = g * valid
+        g = g.contiguous()  # (batch, k)
+        grad_x = grad_shift = grad_w = grad_b = None
+        if need_x:
+            # (batch, k) ids and weights -> (batch, d_in): sum_j g[b, j] W[idx[b, j]]
+            grad_x = F.embedding_bag(indices, weight, per_sample_weights=g, mode="sum")
+        if need_w:
+            grad_w = sparse_weight_grad(indices, g, x_enc.to(weight.dtype), weight.shape[0])
+        if (ctx.has_bias and need_b) or (ctx.has_shift and need_shift):
+            per_latent = weight.new_zeros(weight.shape[0])  # (d_sae,) sum of g per latent
+            per_latent.index_add_(0, indices.reshape(-1), g.reshape(-1))
+            if ctx.has_bias and need_b:
+                grad_b = per_latent
+            if ctx.has_shift and need_shift:
+                # sum_b grad_x[b] = per_latent @ W; the shift enters with a minus sign.
+                grad_shift = -(per_latent @ weight)
+        return grad_x, grad_shift, grad_w, grad_b, None, None, None
+
+
+def _affine(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``x @ w.T + b`` into ``out`` when given: ``(rows, d_in) -> (rows, n)``."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
+
+
+def topk_encode(
+    inputs: EncoderInputs,
+    k: int,
+    *,
+    rows: Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row top-k of the encoder's pre-activations (of latents ``rows`` only, if given).
+
+    Args:
+        inputs: the linear encoder's input, weight and bias.
+        k: entries kept per row (at most the number of latents considered).
+        rows: optional ``(n,)`` latent ids to consider; returned ids are still global.
+        chunk_rows: rows multiplied at once; None picks :func:`default_chunk_rows`.
+
+    Returns:
+        ``(values, indices)``, both ``(batch, k)``: the selected pre-activations (not yet
+        ReLU'd) and their latent ids.
+    """
+    x, shift, weight, bias = inputs
+    n = weight.shape[0] if rows is None else rows.numel()
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(x.shape[0], n, x.element_size(), x.device)
+    return TopKEncoder.apply(x, shift, weight, bias, topk_selection(k), rows, chunk_rows)
+
+
+def batch_topk_encode(
+    inputs: EncoderInputs,
+    n_keep: int,
+    *,
+    threshold_of: ThresholdFn | None = None,
+    positive: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK of the encoder's pre-activations (:func:`batch_topk_select`).
+
+    The whole ``(batch, d_sae)`` product exists at once here (the selection spans rows).
+
+    Args:
+        inputs: the linear encoder's input, weight and bias.
+        n_keep: entries kept over the batch before ties (``k * batch``, times the DDP world).
+        threshold_of, positive: as for :func:`batch_topk_select`.
+
+    Returns:
+        ``(values, indices, valid)``, each ``(batch, width)`` with ``width`` the most entries
+        any row kept; padded slots have value 0, latent 0 and ``valid`` False.
+    """
+
+    def select(pre: Tensor) -> Selection:
+        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, positive=positive)
+
+    return _encode_padded(inputs, select, None)
+
+
+def threshold_encode(
+    inputs: EncoderInputs, threshold: Tensor | float, *, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The encoder's pre-activations above ``threshold`` (:func:`threshold_select`), row by row.
+
+    BatchTopK's inference rule. The selection is per row, so the product runs in row chunks
+    as for :func:`topk_encode`.
+
+    Returns:
+        ``(values, indices, valid)`` as :func:`batch_topk_encode` returns them.
+    """
+    x, _, weight, _ = inputs
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(x.shape[0], weight.shape[0], x.element_size(), x.device)
+
+    def select(pre: Tensor) -> Selection:
+        return threshold_select(pre, threshold)
+
+    return _encode_padded(inputs, select, chunk_rows)
+
+
+def _encode_padded(
+    inputs: EncoderInputs, select: Callable[[Tensor], Selection], chunk_rows: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`TopKEncoder` with a padding selection; also returns the validity mask."""
+    parts: list[Selection] = []
+
+    def recording(pre: Tensor) -> Selection:
+        parts.append(select(pre))
+        return parts[-1]
+
+    values, indices = TopKEncoder.apply(*inputs, recording, None, chunk_rows)
+    valid = concat(parts)[2]
+    assert valid is not None
+    return values, indices, valid
