@@ -1,0 +1,214 @@
+"""`sae-lightning inspect`: top contexts, statistics and the static browser on the tiny LM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("transformers")
+
+from lm_scripts.tiny_lm import CHARS, D_MODEL, SPECIALS, make_corpus, make_model, make_tokenizer
+
+from sae_lightning.cli import main
+from sae_lightning.inspect.collect import collect
+from sae_lightning.inspect.options import InspectOptions
+from sae_lightning.inspect.run import data_spec
+from sae_lightning.inspect.source import LMSource
+from sae_lightning.io import export_sae
+from sae_lightning.recipe import load_recipe
+from sae_lightning.registry import registry
+from sae_lightning.sae import SparseAutoencoder
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PLANTED = SPECIALS.__len__() + CHARS.index("y")  # the token id that carries the direction
+LATENT = 3  # the latent that reads it
+DEAD = 7  # a latent with a bias no input overcomes
+D_SAE = 8
+SHOTS = os.environ.get("SAE_LIGHTNING_INSPECT_SHOTS")  # a folder: save the docs' screenshots
+
+
+def planted_lm(folder: Path, direction: torch.Tensor) -> Path:
+    """The tiny GPT-2 whose embeddings carry ``direction`` (scaled by 5) for token "y" only.
+
+    Every token and position embedding is projected off ``direction`` first, so at the input
+    of block 0 the component along it is 5 at the positions of "y" and 0 everywhere else.
+    """
+    model = make_model(seed=1)
+    off = torch.eye(D_MODEL) - torch.outer(direction, direction)
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(model.transformer.wte.weight @ off)
+        model.transformer.wpe.weight.copy_(model.transformer.wpe.weight @ off)
+        model.transformer.wte.weight[PLANTED] += 5 * direction
+    model.save_pretrained(str(folder))
+    make_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+def hand_built_sae(direction: torch.Tensor) -> SparseAutoencoder:
+    """ReLU SAE: latent LATENT = relu(<x, direction> - 1); DEAD never fires; others random."""
+    sae = SparseAutoencoder(
+        D_MODEL, D_SAE, {"name": "linear"}, {"name": "linear"}, {"name": "relu"}
+    )
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.encoder.W_enc.copy_(torch.randn(D_SAE, D_MODEL, generator=g))
+        sae.encoder.b_enc.copy_(torch.randn(D_SAE, generator=g))
+        sae.encoder.W_enc[LATENT] = direction
+        sae.encoder.b_enc[LATENT] = -1.0
+        sae.encoder.b_enc[DEAD] = -1e6
+        sae.decoder.b_dec.zero_()
+    return sae
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inspect")
+    direction = torch.nn.functional.normalize(torch.randn(D_MODEL), dim=0)
+    model = planted_lm(root / "model", direction)
+    make_corpus(root / "text", n_docs=16)
+    recipe = root / "recipe.yaml"
+    data = {
+        "name": "lm_activations",
+        "model": str(model),
+        "hook": "transformer.h.0",
+        "io": "input",  # the residual stream entering block 0: embeddings only
+        "text": [str(root / "text")],
+        "context_length": 32,
+        "val_sequences": 2,
+        "model_dtype": "float64",
+        "dtype": "float64",
+        "batch_size": 64,
+        "buffer_size": 256,
+    }
+    spec = {"name": "tiny-inspect", "data": data, "model": {"d_sae": D_SAE, "sparsity": "relu"}}
+    recipe.write_text(yaml.safe_dump(spec))
+    run = root / "runs" / "tiny-inspect" / "version_0"
+    export_sae(hand_built_sae(direction).double(), run)
+    args = ["inspect", str(run), "--config", str(recipe), "--dtype", "float64", "--top", "6"]
+    assert main([*args, "--batch_size", "3", "--before", "5", "--after", "2"]) == 0
+    return {"run": run, "recipe": recipe, "browser": run / "inspect"}
+
+
+def group(browser: Path, first: int = 0) -> list[dict]:
+    text = (browser / "data" / f"latents_{first // 64:05d}.js").read_text()
+    prefix = f"inspectGroup({first}, "
+    assert text.startswith(prefix) and text.endswith(");\n")
+    return json.loads(text[len(prefix) : -3])
+
+
+def test_every_top_context_of_the_planted_latent_peaks_at_the_planted_token(lm_run):
+    latents = group(lm_run["browser"])
+    assert len(latents) == D_SAE
+    page = latents[LATENT]
+    assert len(page["contexts"]) == 6
+    for context in page["contexts"]:
+        assert context["tokens"][context["peak"]] == "y"
+        assert context["max"] == pytest.approx(4.0)
+        lit = [t for t, a in zip(context["tokens"], context["acts"], strict=True) if a > 0]
+        assert lit and set(lit) == {"y"}  # nothing else in the window fires
+    assert [c["max"] for c in page["contexts"]] == sorted(
+        (c["max"] for c in page["contexts"]), reverse=True
+    )
+    assert latents[DEAD]["flag"] == "dead" and latents[DEAD]["contexts"] == []
+    # residual-stream hook: logit effects through ln_f and the tied unembedding are shown
+    assert len(page["up"]) == 10 and len(page["down"]) == 10
+    assert page["up"][0][1] >= page["up"][-1][1] > page["down"][-1][1] >= page["down"][0][1]
+    assert len(page["near"]) == D_SAE - 1 and LATENT not in [n[0] for n in page["near"]]
+
+
+def brute_force(recipe: Path, sae: SparseAutoencoder) -> torch.Tensor:
+    """Every scored token's float64 activations, computed at once: ``(tokens, latents)``."""
+    dm = registry.build("datamodules", load_recipe([recipe]).data, field="data")
+    dm.load()
+    ids = torch.cat([dm.corpus.train.ids, dm.corpus.val.ids])
+    keep = torch.cat([dm.corpus.train.keep, dm.corpus.val.keep])
+    with torch.no_grad():
+        hidden = dm.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+        x = hidden[keep].double()
+        return torch.relu(x @ sae.encoder.W_enc.double().T + sae.encoder.b_enc.double())
+
+
+def test_density_and_histogram_equal_a_float64_brute_force(lm_run):
+    from sae_lightning.io import load_sae
+
+    sae = load_sae(lm_run["run"]).double()
+    recipe = load_recipe([lm_run["recipe"]])
+    options = InspectOptions(tokens=10**9, dtype="float64")
+    dm = registry.build("datamodules", data_spec(recipe, options), field="data")
+    dm.load()
+    ids = torch.cat([dm.corpus.train.ids, dm.corpus.val.ids])
+    keep = torch.cat([dm.corpus.train.keep, dm.corpus.val.keep])
+    source = LMSource(dm.model, "transformer.h.0", "input", ids, keep, batch_size=5)
+    got = collect(sae, source, n_top=4, before=3, after=1, dtype=torch.float64).stats
+
+    f = brute_force(lm_run["recipe"], sae)
+    assert got.tokens == f.shape[0] == int(keep.sum())
+    fires = (f > 0).sum(dim=0)
+    assert torch.equal(got.fires, fires) and 0 < int(fires[LATENT]) < f.shape[0] // 5
+    assert torch.equal(got.density, fires.double() / f.shape[0])
+    torch.testing.assert_close(got.total, f.sum(dim=0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(got.peak, f.amax(dim=0), rtol=0, atol=0)
+    edges = got.edges.numpy()
+    for j in range(D_SAE):
+        values = f[:, j][f[:, j] > 0].numpy()
+        bins = (edges[None, :] <= values[:, None]).sum(axis=1) - 1
+        expected = torch.bincount(torch.from_numpy(bins).clamp(0, len(edges) - 2), minlength=64)
+        assert torch.equal(got.hist[j], expected), j
+    assert int(got.hist[LATENT].sum()) == int(fires[LATENT])
+
+
+def chromium(tmp: Path, *args: str) -> str:
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=5000",
+        f"--user-data-dir={tmp / 'profile'}",
+    ]
+    done = subprocess.run([*flags, *args], capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
+def test_the_browser_renders_sorts_and_links_to_a_highlighted_latent(lm_run, tmp_path):
+    index = (lm_run["browser"] / "index.html").as_uri()
+    for key in ("density", "max"):
+        dom = chromium(tmp_path, "--dump-dom", f"{index}?sort={key}")
+        rows = re.findall(rf'<tr class="latent" data-id="(\d+)".*?data-{key}="([^"]+)"', dom)
+        assert len(rows) == D_SAE, dom[:800]
+        values = [float(v) for _, v in rows]
+        assert values == sorted(values, reverse=True), key
+    assert rows[-1][0] == str(DEAD) and 'class="flag-dead"' in dom
+    # click through: follow the index's own link of the planted latent
+    href = re.search(rf'<tr class="latent" data-id="{LATENT}".*?<a href="([^"]+)"', dom).group(1)
+    target = f"{index.rsplit('/', 1)[0]}/{href}"
+    page = chromium(tmp_path, "--dump-dom", target)
+    contexts = re.findall(r'<div class="ctx".*?</div>', page, re.S)
+    assert len(contexts) == 6, page[:800]
+    for ctx in contexts:
+        spans = re.findall(r'<span class="tok( peak)?" data-act="([^"]+)".*?>(.*?)</span>', ctx)
+        assert [text for peak, _, text in spans if peak] == ["y"]
+        assert {text for _, act, text in spans if float(act) > 0} == {"y"}
+    assert page.count('class="bar"') >= 1 and "promoted tokens" in page
+    if SHOTS:
+        for name, url in (
+            ("inspect-index.png", f"{index}?sort=density"),
+            ("inspect-latent.png", target),
+        ):
+            shot = Path(SHOTS) / name
+            chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,640", url)
+            assert shot.is_file()
