@@ -197,7 +197,7 @@ def test_the_browser_renders_sorts_and_links_to_a_highlighted_latent(lm_run, tmp
     href = re.search(rf'<tr class="latent" data-id="{LATENT}".*?<a href="([^"]+)"', dom).group(1)
     target = f"{index.rsplit('/', 1)[0]}/{href}"
     page = chromium(tmp_path, "--dump-dom", target)
-    contexts = re.findall(r'<div class="ctx".*?</div>', page, re.S)
+    contexts = re.findall(r'<div class="ctx" data-max="[\d.e+-]+">.*?</div>', page, re.S)
     assert len(contexts) == 6, page[:800]
     for ctx in contexts:
         spans = re.findall(r'<span class="tok( peak)?" data-act="([^"]+)".*?>(.*?)</span>', ctx)

@@ -97,17 +97,18 @@ function inspectGroup(first, latents) { window.INSPECT_GROUPS[first] = latents; 
   parts.push(`<h1>latent ${id}${flag}</h1>`);
   parts.push(`<p>density <b>${fmt(L.density)}</b> &middot; max <b>${fmt(L.max)}</b> &middot; ` +
     `mean <b>${fmt(L.mean)}</b> &middot; mean when active <b>${fmt(L.mean_active)}</b></p>`);
+  const lists = [];
   if (L.hist.length) {
-    const top = Math.max(...L.hist.map((h) => h[2])), w = 360, h = 90, bw = w / L.hist.length;
+    const top = Math.max(...L.hist.map((h) => h[2])), h = 90;
+    const bw = Math.min(240 / L.hist.length, 24), w = bw * L.hist.length;
     const bars = L.hist.map((b, i) => `<rect class="bar" x="${(i * bw).toFixed(1)}" ` +
       `y="${(h - h * b[2] / top).toFixed(1)}" width="${Math.max(bw - 1, 1).toFixed(1)}" ` +
       `height="${(h * b[2] / top).toFixed(1)}" fill="#1f77b4"><title>[${fmt(b[0])}, ` +
       `${fmt(b[1])}): ${b[2]}</title></rect>`).join("");
-    parts.push(`<h2>activation histogram (log-spaced bins, ${fmt(L.hist[0][0])} to ` +
-      `${fmt(L.hist[L.hist.length - 1][1])})</h2><svg class="hist" width="${w}" height="${h}">` +
-      `${bars}</svg>`);
+    lists.push(`<div><h2>activation histogram</h2><svg class="hist" width="${w}" ` +
+      `height="${h}">${bars}</svg><p class="note">log-spaced bins, ${fmt(L.hist[0][0])} to ` +
+      `${fmt(L.hist[L.hist.length - 1][1])}</p></div>`);
   }
-  const lists = [];
   const table = (title, items, show) => items && items.length ? `<div><h2>${title}</h2>` +
     `<table>${items.map(show).join("")}</table></div>` : "";
   lists.push(table("promoted tokens", L.up, (t) => `<tr><td>${esc(t[0])}</td>` +
