@@ -17,6 +17,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from sae_lightning.errors import ConfigError
+from sae_lightning.inspect.pages import flags, histogram, sig
 from sae_lightning.inspect.options import InspectOptions
 from sae_lightning.inspect.site import write_browser
 from sae_lightning.inspect.stats import LatentStats
@@ -106,11 +107,8 @@ def inspect_functions(
     stats, top = scan(sae, dm, options)
     assert top.values is not None and top.fields is not None and top.maps is not None
     density, peak, mean = stats.density.tolist(), stats.peak.tolist(), stats.mean.tolist()
-    flag = [
-        "dead" if f == 0 else "dense" if d > options.dense_threshold else ""
-        for f, d in zip(stats.fires.tolist(), density, strict=True)
-    ]
-    rows = [[j, density[j], peak[j], mean[j], flag[j], ""] for j in range(len(flag))]
+    flag = flags(stats, options.dense_threshold)
+    rows = [[j, sig(density[j]), sig(peak[j]), sig(mean[j]), flag[j], ""] for j in range(len(flag))]
     pictures: dict[str, Tensor] = {}
 
     def page(j: int) -> dict[str, Any]:
@@ -128,7 +126,7 @@ def inspect_functions(
             "max": peak[j],
             "mean": mean[j],
             "mean_active": float(stats.mean_active[j]),
-            "hist": [],
+            "hist": histogram(stats, j),
             "images": names,
             "images_title": "learned concept; top-activating fields with the activation map "
             "overlaid (1-D: orange; 2-D: green)",

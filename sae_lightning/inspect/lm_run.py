@@ -13,7 +13,7 @@ from torch import nn
 from sae_lightning.errors import ConfigError
 from sae_lightning.inspect.collect import Collected, collect
 from sae_lightning.inspect.effects import logit_effects, nearest_atoms
-from sae_lightning.inspect.lm_pages import (
+from sae_lightning.inspect.pages import (
     flags,
     index_rows,
     latent_pages,
@@ -118,7 +118,7 @@ def inspect_lm(
     if effects is not None:
         ids += [effects.up_ids.reshape(-1), effects.down_ids.reshape(-1)]
     strings = token_strings(tokenizer, torch.cat([i.cpu() for i in ids]))
-    flag = flags(collected, options.dense_threshold)
+    flag = flags(collected.stats, options.dense_threshold)
     labels = top_tokens(collected, strings)
     stats = collected.stats
     summary = (

@@ -1,4 +1,4 @@
-"""The browser's data for a token-level SAE: index rows and one dict per latent page."""
+"""The browser's data: index rows and one dict per latent page (token contexts, statistics)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from sae_lightning.inspect.collect import Collected
 from sae_lightning.inspect.effects import Effects
+from sae_lightning.inspect.stats import LatentStats
 from sae_lightning.inspect.topk import PAD
 
 
@@ -25,10 +26,10 @@ def token_strings(tokenizer: Any, ids: Tensor) -> dict[int, str]:
     return dict(zip(unique, texts, strict=True))
 
 
-def flags(collected: Collected, dense_threshold: float) -> list[str]:
+def flags(stats: LatentStats, dense_threshold: float) -> list[str]:
     """``dead`` (never fired), ``dense`` (fires on more than ``dense_threshold``) or ``""``."""
-    density = collected.stats.density.tolist()
-    fires = collected.stats.fires.tolist()
+    density = stats.density.tolist()
+    fires = stats.fires.tolist()
     return [
         "dead" if f == 0 else "dense" if d > dense_threshold else ""
         for f, d in zip(fires, density, strict=True)
@@ -62,13 +63,13 @@ def index_rows(collected: Collected, labels: list[str], flag: list[str]) -> list
     ]
 
 
-def histogram(collected: Collected, j: int) -> list[list[float]]:
+def histogram(stats: LatentStats, j: int) -> list[list[float]]:
     """Latent ``j``'s ``[lo, hi, count]`` bins, trimmed to the range it occupies."""
-    counts = collected.stats.hist[j].tolist()
+    counts = stats.hist[j].tolist()
     used = [i for i, c in enumerate(counts) if c]
     if not used:
         return []
-    edges = collected.stats.edges.tolist()
+    edges = stats.edges.tolist()
     return [[sig(edges[i]), sig(edges[i + 1]), counts[i]] for i in range(used[0], used[-1] + 1)]
 
 
@@ -116,7 +117,7 @@ def latent_pages(
             "max": sig(peak[j]),
             "mean": sig(mean[j]),
             "mean_active": sig(mean_active[j]),
-            "hist": histogram(collected, j),
+            "hist": histogram(collected.stats, j),
             "contexts": contexts,
         }
         if effects is not None:
