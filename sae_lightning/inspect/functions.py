@@ -17,8 +17,8 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from sae_lightning.errors import ConfigError
-from sae_lightning.inspect.pages import flags, histogram, sig
 from sae_lightning.inspect.options import InspectOptions
+from sae_lightning.inspect.pages import flags, histogram, sig
 from sae_lightning.inspect.site import write_browser
 from sae_lightning.inspect.stats import LatentStats
 

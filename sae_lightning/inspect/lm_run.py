@@ -13,6 +13,7 @@ from torch import nn
 from sae_lightning.errors import ConfigError
 from sae_lightning.inspect.collect import Collected, collect
 from sae_lightning.inspect.effects import logit_effects, nearest_atoms
+from sae_lightning.inspect.options import InspectOptions
 from sae_lightning.inspect.pages import (
     flags,
     index_rows,
@@ -20,7 +21,6 @@ from sae_lightning.inspect.pages import (
     token_strings,
     top_tokens,
 )
-from sae_lightning.inspect.options import InspectOptions
 from sae_lightning.inspect.site import write_browser
 from sae_lightning.inspect.source import CacheSource, LMSource, take_tokens
 
