@@ -124,12 +124,14 @@ def test_every_top_context_of_the_planted_latent_peaks_at_the_planted_token(lm_r
     assert len(page["near"]) == D_SAE - 1 and LATENT not in [n[0] for n in page["near"]]
 
 
-def brute_force(recipe: Path, sae: SparseAutoencoder) -> torch.Tensor:
+def brute_force(
+    recipe: Path, sae: SparseAutoencoder, splits: tuple[str, ...] = ("train", "val")
+) -> torch.Tensor:
     """Every scored token's float64 activations, computed at once: ``(tokens, latents)``."""
     dm = registry.build("datamodules", load_recipe([recipe]).data, field="data")
     dm.load()
-    ids = torch.cat([dm.corpus.train.ids, dm.corpus.val.ids])
-    keep = torch.cat([dm.corpus.train.keep, dm.corpus.val.keep])
+    ids = torch.cat([getattr(dm.corpus, s).ids for s in splits])
+    keep = torch.cat([getattr(dm.corpus, s).keep for s in splits])
     with torch.no_grad():
         hidden = dm.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
         x = hidden[keep].double()
@@ -212,3 +214,52 @@ def test_the_browser_renders_sorts_and_links_to_a_highlighted_latent(lm_run, tmp
             shot = Path(SHOTS) / name
             chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,640", url)
             assert shot.is_file()
+
+
+def test_the_cache_path_reads_the_same_tokens_and_finds_the_same_peaks(lm_run, tmp_path):
+    from rich.console import Console
+
+    from sae_lightning.data.cache import write_cache
+
+    cache = tmp_path / "cache"
+    recipe = load_recipe([lm_run["recipe"]], [("data.cache_dir", str(cache))])
+    write_cache(registry.build("datamodules", recipe.data, field="data"), Console(quiet=True))
+    out = tmp_path / "browser"
+    args = ["inspect", str(lm_run["run"]), "--config", str(lm_run["recipe"]), "--source", "cache"]
+    args += ["--data.cache_dir", str(cache), "--out", str(out), "--no_projector", "--top", "6"]
+    assert main([*args, "--dtype", "float64", "--batch_size", "2"]) == 0
+    pages = group(out)
+    for context in pages[LATENT]["contexts"]:
+        assert context["tokens"][context["peak"]] == "y"
+    # the cache holds the training contexts: the brute force over them gives the same density
+    f = brute_force(lm_run["recipe"], load_sae_double(lm_run["run"]), splits=("train",))
+    density = (f > 0).double().mean(dim=0)
+    got = [p["density"] for p in pages]
+    assert got == pytest.approx([float(f"{d:.4g}") for d in density.tolist()], rel=0, abs=0)
+
+
+def load_sae_double(run: Path) -> SparseAutoencoder:
+    from sae_lightning.io import load_sae
+
+    return load_sae(run).double()
+
+
+def test_projector_metadata_and_the_report_link(lm_run, tmp_path, capsys):
+    projector = (lm_run["run"] / "projector_config.pbtxt").read_text()
+    assert "sae_atoms" in projector
+    tsv = next(lm_run["run"].rglob("metadata.tsv")).read_text().splitlines()
+    assert tsv[0].split("\t") == ["latent", "top tokens", "density"]
+    assert len(tsv) == D_SAE + 1 and tsv[1 + LATENT].split("\t")[1] == "y"
+    tensors = next(lm_run["run"].rglob("tensors.tsv")).read_text().splitlines()
+    assert len(tensors) == D_SAE and len(tensors[0].split("\t")) == D_MODEL
+    out = tmp_path / "report.html"
+    assert main(["report", str(lm_run["run"]), "--out", str(out)]) == 0
+    link = re.search(r'<a class="inspect" href="([^"]+)"', out.read_text()).group(1)
+    assert (tmp_path / link).resolve() == (lm_run["browser"] / "index.html").resolve()
+
+
+def test_inspect_names_the_missing_recipe_and_run(lm_run, tmp_path, capsys):
+    assert main(["inspect", str(lm_run["run"])]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path), "--config", str(lm_run["recipe"])]) == 2
+    assert "RUN_DIR" in capsys.readouterr().err
