@@ -212,7 +212,7 @@ def test_the_browser_renders_sorts_and_links_to_a_highlighted_latent(lm_run, tmp
             ("inspect-latent.png", target),
         ):
             shot = Path(SHOTS) / name
-            chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,640", url)
+            chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,1000", url)
             assert shot.is_file()
 
 

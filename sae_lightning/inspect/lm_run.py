@@ -65,8 +65,9 @@ def open_source(dm: Any, options: InspectOptions, device: torch.device) -> tuple
     ids, keep = take_tokens(ids, keep, options.tokens)
     hook = dm.hooks[hook_of(dm.hooks, options)]
     model = dm.model.to(device)
-    text = ", ".join(options.text) if options.text else ", ".join(c.text)
-    return LMSource(model, hook, c.io, ids, keep, options.batch_size), model, f"{c.model} on {text}"
+    text = ", ".join(Path(t).name for t in (options.text or c.text))
+    described = f"{Path(c.model).name} at {hook} on {text}"
+    return LMSource(model, hook, c.io, ids, keep, options.batch_size), model, described
 
 
 def stream(sae: nn.Module, chunks: Any, options: InspectOptions, console: Console) -> Collected:
