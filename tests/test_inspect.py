@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 
 pytest.importorskip("transformers")
 
+from headless import CHROMIUM, chromium_command
 from lm_scripts.tiny_lm import CHARS, D_MODEL, SPECIALS, make_corpus, make_model, make_tokenizer
 
 from sae_lightning.cli import main
@@ -27,7 +27,6 @@ from sae_lightning.recipe import load_recipe
 from sae_lightning.registry import registry
 from sae_lightning.sae import SparseAutoencoder
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PLANTED = SPECIALS.__len__() + CHARS.index("y")  # the token id that carries the direction
 LATENT = 3  # the latent that reads it
 DEAD = 7  # a latent with a bias no input overcomes
@@ -168,21 +167,8 @@ def test_density_and_histogram_equal_a_float64_brute_force(lm_run):
 
 
 def chromium(tmp: Path, *args: str) -> str:
-    flags = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--allow-file-access-from-files",
-        "--virtual-time-budget=5000",
-        f"--user-data-dir={tmp / 'profile'}",
-    ]
-    done = subprocess.run([*flags, *args], capture_output=True, text=True, timeout=120)
-    return done.stdout
+    flags = [*chromium_command(tmp / "profile"), "--virtual-time-budget=5000"]
+    return subprocess.run([*flags, *args], capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
