@@ -127,14 +127,22 @@ def brute_force(
     recipe: Path, sae: SparseAutoencoder, splits: tuple[str, ...] = ("train", "val")
 ) -> torch.Tensor:
     """Every scored token's float64 activations, computed at once: ``(tokens, latents)``."""
+    f, keep = brute_force_contexts(recipe, sae, splits)
+    return f[keep]
+
+
+def brute_force_contexts(
+    recipe: Path, sae: SparseAutoencoder, splits: tuple[str, ...] = ("train", "val")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(contexts, L, latents)`` float64 activations (0 where unscored) and the scored mask."""
     dm = registry.build("datamodules", load_recipe([recipe]).data, field="data")
     dm.load()
     ids = torch.cat([getattr(dm.corpus, s).ids for s in splits])
     keep = torch.cat([getattr(dm.corpus, s).keep for s in splits])
     with torch.no_grad():
-        hidden = dm.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
-        x = hidden[keep].double()
-        return torch.relu(x @ sae.encoder.W_enc.double().T + sae.encoder.b_enc.double())
+        x = dm.model(input_ids=ids, output_hidden_states=True).hidden_states[0].double()
+        f = torch.relu(x @ sae.encoder.W_enc.double().T + sae.encoder.b_enc.double())
+    return f * keep[..., None], keep
 
 
 def test_density_and_histogram_equal_a_float64_brute_force(lm_run):
@@ -148,8 +156,12 @@ def test_density_and_histogram_equal_a_float64_brute_force(lm_run):
     ids = torch.cat([dm.corpus.train.ids, dm.corpus.val.ids])
     keep = torch.cat([dm.corpus.train.keep, dm.corpus.val.keep])
     source = LMSource(dm.model, "transformer.h.0", "input", ids, keep, batch_size=5)
-    got = collect(sae, source, n_top=4, before=3, after=1, dtype=torch.float64).stats
+    collected = collect(sae, source, n_top=4, before=3, after=1, dtype=torch.float64)
+    got = collected.stats
 
+    per_context, _ = brute_force_contexts(lm_run["recipe"], sae)
+    best = per_context.amax(dim=1).topk(4, dim=0).values  # (4, latents): top context maxima
+    torch.testing.assert_close(collected.top.values, best, rtol=1e-12, atol=0)
     f = brute_force(lm_run["recipe"], sae)
     assert got.tokens == f.shape[0] == int(keep.sum())
     fires = (f > 0).sum(dim=0)
@@ -249,3 +261,37 @@ def test_inspect_names_the_missing_recipe_and_run(lm_run, tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path), "--config", str(lm_run["recipe"])]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
+def test_65536_latents_are_paginated_into_small_files_and_open(tmp_path):
+    from sae_lightning.inspect.site import GROUP, write_browser
+
+    n = 65_536
+    rows = [[j, (j % 1000) / 1000, float(j % 777), 0.5, "", f"t{j}"] for j in range(n)]
+
+    def page(j: int) -> dict:
+        tokens = ["a", "b", f"t{j}", "c"]
+        context = {"max": 1.0, "peak": 2, "tokens": tokens, "acts": [0, 0.5, 1.0, 0]}
+        return {
+            "id": j,
+            "flag": "",
+            "density": 0.1,
+            "max": 1.0,
+            "mean": 0.1,
+            "mean_active": 1.0,
+            "hist": [[1, 2, 3]],
+            "contexts": [context] * 5,
+        }
+
+    index = write_browser(tmp_path / "inspect", "big", "synthetic", rows, page)
+    groups = sorted((tmp_path / "inspect" / "data").glob("latents_*.js"))
+    assert len(groups) == n // GROUP
+    assert max(g.stat().st_size for g in groups) < 256 * 1024  # one latent reads one small file
+    dom = chromium(tmp_path, "--dump-dom", f"{index.as_uri()}?sort=max&page=2")
+    ids = [int(i) for i in re.findall(r'<tr class="latent" data-id="(\d+)"', dom)]
+    assert len(ids) == 100 and "page 2 of 656" in dom
+    expected = sorted(range(n), key=lambda j: (-rows[j][2], j))[100:200]
+    assert ids == expected
+    dom = chromium(tmp_path, "--dump-dom", f"{index.parent.as_uri()}/latent.html?id=65535")
+    assert "<h1>latent 65535</h1>" in dom and dom.count('class="tok peak"') == 5
