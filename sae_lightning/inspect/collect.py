@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ def collect(
     before: int,
     after: int,
     dtype: torch.dtype = torch.float32,
-    progress: object | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Collected:
     """Encode every chunk with ``sae`` and merge its statistics and top contexts.
 
@@ -41,7 +41,7 @@ def collect(
         before: window tokens before each maximum.
         after: window tokens after it.
         dtype: the dtype activations are encoded in (float64 for exact references).
-        progress: a ``rich`` progress task updater ``advance(n)``, or None.
+        progress: called with the number of tokens of each chunk once it is merged.
     """
     device = next(sae.parameters()).device
     latents = int(sae.d_sae)
@@ -56,5 +56,5 @@ def collect(
         stats.update(f[keep])
         top.update(f, chunk.ids.to(device), chunk.first)
         if progress is not None:
-            progress.advance(int(keep.sum()))  # type: ignore[attr-defined]
+            progress(int(keep.sum()))
     return Collected(stats, top)

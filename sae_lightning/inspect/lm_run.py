@@ -55,9 +55,12 @@ def open_source(dm: Any, options: InspectOptions, device: torch.device) -> tuple
     c = dm.config
     folder = cache_path(dm, options)
     if folder is not None:
-        source = CacheSource(folder, 0, options.tokens, c.context_length, options.batch_size)
-        source.hook_index = hook_of(source.manifest["hooks"], options)
-        return source, None, f"the activation cache {folder}"
+        from sae_lightning.data.cache import read_manifest
+
+        hooks = read_manifest(folder, "data.cache_dir")["hooks"]
+        index = hook_of(hooks, options)
+        source = CacheSource(folder, index, options.tokens, c.context_length, options.batch_size)
+        return source, None, f"the activation cache {folder.name} at {hooks[index]}"
     dm.load()
     corpus = dm.corpus
     ids = torch.cat([corpus.train.ids, corpus.val.ids])
@@ -81,11 +84,6 @@ def stream(sae: nn.Module, chunks: Any, options: InspectOptions, console: Consol
     with Progress(*columns, console=console, transient=False) as progress:
         total = chunks.tokens
         task = progress.add_task("inspecting", total=total)
-
-        class Advance:
-            def advance(self, n: int) -> None:
-                progress.advance(task, n)
-
         return collect(
             sae,
             chunks,
@@ -93,7 +91,7 @@ def stream(sae: nn.Module, chunks: Any, options: InspectOptions, console: Consol
             before=options.before,
             after=options.after,
             dtype=options.torch_dtype,
-            progress=Advance(),
+            progress=lambda n: progress.advance(task, n),
         )
 
 
