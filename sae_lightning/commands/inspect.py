@@ -35,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens (or samples) to stream")
     p.add_argument("--text", nargs="+", default=None, help="text files instead of the corpus")
-    p.add_argument("--source", choices=["auto", "lm", "cache"], default=d.source)
+    p.add_argument(
+        "--source",
+        choices=["auto", "lm", "cache"],
+        default=d.source,
+        help="the recipe's activation cache, the LM, or auto: the cache when it is complete",
+    )
     p.add_argument("--hook", default=None, help="hook of a multi-hook run (default the first)")
     p.add_argument("--top", type=int, default=d.n_top, help="top contexts kept per latent")
     p.add_argument("--before", type=int, default=d.before, help="window tokens before a max")
@@ -43,8 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="contexts per chunk")
     p.add_argument("--effects", type=int, default=d.effects, help="logit effects per latent")
     p.add_argument("--near", type=int, default=d.near, help="nearest atoms per latent")
-    p.add_argument("--dense_threshold", type=float, default=d.dense_threshold)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    p.add_argument(
+        "--dense_threshold", type=float, default=d.dense_threshold, help="density flagged dense"
+    )
+    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype, help="SAE dtype")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--no_projector", action="store_true", help="skip the TensorBoard projector")
     p.add_argument("--out", default=None, help="browser folder (default RUN_DIR/inspect)")
