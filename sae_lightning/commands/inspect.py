@@ -72,9 +72,13 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     configs = args.config or ([run_dir / RECIPE_FILE] if (run_dir / RECIPE_FILE).is_file() else [])
     if not configs:
         raise ConfigError("--config", "is required", "pass the recipe the run was trained with")
-    for name in ("tokens", "top", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name}", "must be positive")
+    for name, value in (
+        ("tokens", args.tokens),
+        ("top", args.top),
+        ("batch_size", args.batch_size),
+    ):
+        if value <= 0:
+            raise ConfigError(f"--{name}", f"is {value}", "pass a positive number")
     options = InspectOptions(
         tokens=args.tokens,
         text=args.text,

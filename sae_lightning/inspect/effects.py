@@ -34,8 +34,7 @@ def final_norm(model: nn.Module) -> nn.Module:
     It is the last direct child of the transformer body (``model.base_model``) that is a norm
     layer: ``ln_f`` of GPT-2, ``norm`` of Llama-family models. Identity when there is none.
     """
-    body = getattr(model, "base_model", model)
-    norms = [m for _, m in body.named_children() if "norm" in type(m).__name__.lower()]
+    norms = [m for _, m in model.base_model.named_children() if "norm" in type(m).__name__.lower()]
     return norms[-1] if norms else nn.Identity()
 
 
