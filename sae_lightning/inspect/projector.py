@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from torch import Tensor
 
 TAG = "sae_atoms"
+STEP = 0
 
 
 def clean(text: str) -> str:
@@ -22,6 +24,7 @@ def add_atoms(log_dir: Path, atoms: Tensor, labels: list[str], density: list[flo
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    shutil.rmtree(log_dir / f"{STEP:05d}" / TAG, ignore_errors=True)  # an older inspect's atoms
     metadata = [
         [str(j), clean(label), f"{d:.3g}"]
         for j, (label, d) in enumerate(zip(labels, density, strict=True))
@@ -32,4 +35,5 @@ def add_atoms(log_dir: Path, atoms: Tensor, labels: list[str], density: list[flo
             metadata=metadata,
             metadata_header=["latent", "top tokens", "density"],
             tag=TAG,
+            global_step=STEP,
         )
