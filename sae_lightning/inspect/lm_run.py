@@ -113,7 +113,7 @@ def inspect_lm(
             effects = logit_effects(model, atoms, options.effects)
     near = nearest_atoms(atoms, options.near) if options.near else None
     tokenizer = load_tokenizer(dm.config)
-    ids = [collected.top.tokens.reshape(-1)]
+    ids = [collected.top.tokens.reshape(-1).long()]
     if effects is not None:
         ids += [effects.up_ids.reshape(-1), effects.down_ids.reshape(-1)]
     strings = token_strings(tokenizer, torch.cat([i.cpu() for i in ids]))

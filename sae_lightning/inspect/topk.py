@@ -23,7 +23,7 @@ class TopContexts:
     Attributes:
         values: ``(N, latents)`` the maximum of each kept context, descending; ``-inf`` empty.
         where: ``(N, latents, 2)`` int64 ``(context, position)`` of the maximum.
-        tokens: ``(N, latents, W)`` int64 token ids of the window, :data:`PAD` outside.
+        tokens: ``(N, latents, W)`` int32 token ids of the window, :data:`PAD` outside.
         acts: ``(N, latents, W)`` the latent's activation at every window position.
         before: window positions before the maximum (``W = before + 1 + after``).
     """
@@ -48,7 +48,7 @@ class TopContexts:
         return cls(
             values=torch.full((n, latents), -torch.inf, device=device, dtype=dtype),
             where=torch.full((n, latents, 2), -1, device=device, dtype=torch.long),
-            tokens=torch.full((n, latents, width), PAD, device=device, dtype=torch.long),
+            tokens=torch.full((n, latents, width), PAD, device=device, dtype=torch.int32),
             acts=torch.zeros(n, latents, width, device=device, dtype=dtype),
             before=before,
         )
@@ -72,7 +72,7 @@ class TopContexts:
         inside = (window >= 0) & (window < length)
         window = window.clamp(0, length - 1)
         acts = f.transpose(1, 2).gather(2, window).masked_fill(~inside, 0)
-        tokens = ids[:, None, :].expand(b, latents, length).gather(2, window)
+        tokens = ids.int()[:, None, :].expand(b, latents, length).gather(2, window)
         tokens = tokens.masked_fill(~inside, PAD)
         context = torch.arange(first_context, first_context + b, device=f.device)
         where = torch.stack([context[:, None].expand(b, latents), pos], dim=-1)
