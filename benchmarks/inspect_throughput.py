@@ -68,7 +68,7 @@ def worker(tokens: int, threads: int) -> dict[str, float]:
         torch.cat([corpus.train.keep, corpus.val.keep]),
         tokens,
     )
-    from sae_lightning.data.text import Contexts
+    from sae_lightning.lm.text import Contexts
 
     start = time.perf_counter()
     rows = dm.harvester(Contexts(ids, keep))

@@ -183,6 +183,9 @@ def _trainer_args_model() -> type[BaseModel]:
             continue
         annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
         fields[name] = (annotation, param.default)
+    # Not a Trainer argument: with strategy: model_parallel the runner builds Lightning's
+    # ModelParallelStrategy from it (sae_lightning.parallel.strategy).
+    fields["tensor_parallel_size"] = (int | None, None)
     config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", allow_inf_nan=False)
     return create_model("TrainerArgs", __config__=config, **fields)
 

@@ -25,6 +25,11 @@ from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule, as_tensor
+from sae_lightning.parallel.strategy import (
+    check_model_parallel,
+    is_model_parallel,
+    model_parallel_arguments,
+)
 from sae_lightning.registry import registry
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -108,6 +113,10 @@ def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
     d_in, d_sae = resolve_widths(recipe, data_d_in)
     model = recipe.model
     module_cls = SAEModule
+    if is_model_parallel(recipe):
+        from sae_lightning.parallel.module import ShardedSAEModule
+
+        module_cls = ShardedSAEModule
     if model.loss.mode != "local":
         from sae_lightning.lm.e2e_module import E2ESAEModule
 
@@ -172,6 +181,7 @@ def build_run(
     Raises:
         ConfigError: for any invalid plugin, parameter or cross-field combination.
     """
+    check_model_parallel(recipe)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
     module = module_factory(recipe, getattr(datamodule, "d_in", None))
@@ -184,7 +194,7 @@ def build_run(
         NonFiniteGuard(),
         *monitoring_callbacks(),
     ]
-    trainer_args = {**TRAINER_DEFAULTS, **recipe.trainer}
+    trainer_args = model_parallel_arguments({**TRAINER_DEFAULTS, **recipe.trainer})
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     for i, spec in enumerate(recipe.callbacks):
@@ -257,8 +267,8 @@ def find_last_checkpoint(recipe: RecipeConfig) -> tuple[Path, int]:
     found: list[tuple[int, Path]] = []
     for d in root.glob("version_*"):
         m = re.fullmatch(r"version_(\d+)", d.name)
-        ckpt = d / "checkpoints" / "last.ckpt"
-        if m and ckpt.is_file():
+        ckpt = d / "checkpoints" / "last.ckpt"  # a folder when sharded (model_parallel)
+        if m and ckpt.exists():
             found.append((int(m.group(1)), ckpt))
     if not found:
         raise ConfigError(
@@ -281,7 +291,7 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
     if ckpt_path == "last":
         path, version = find_last_checkpoint(recipe)
         resolved = str(path)
-    elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+    elif ckpt_path is not None and not os.path.exists(ckpt_path):
         raise ConfigError(
             "--ckpt_path", f"file {ckpt_path!r} not found", "pass 'last' or a .ckpt path"
         )
@@ -308,6 +318,11 @@ def finish(run: Run) -> dict[str, float]:
         if k.startswith("train/") or (k.startswith(prefixes) and "/train/" in k)
     }
     results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    # A sharded SAE is gathered whole for export: a collective, so every rank takes part.
+    exported = {
+        name: member.gathered_sae() if hasattr(member, "gathered_sae") else member.sae
+        for name, member in saes.items()
+    }
     metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
     metrics["trainer/global_step"] = float(run.trainer.global_step)
     from sae_lightning.callbacks.dashboard import log_final_hparams
@@ -321,7 +336,7 @@ def finish(run: Run) -> dict[str, float]:
         # exported SAE takes raw activations.
         scale = float(getattr(run.datamodule, "scale", 1.0))
         for name, member in saes.items():
-            sae = eager_sae(member.sae)
+            sae = eager_sae(exported[name])
             sae = fold_input_scale(sae, scale) if scale != 1.0 else sae
             folder = run.run_dir / name if name else run.run_dir
             export_sae(sae, folder, plugins=member.plugin_versions, input_scale=scale)

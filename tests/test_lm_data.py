@@ -13,16 +13,13 @@ pytest.importorskip("transformers")
 
 from lm_scripts.tiny_lm import D_MODEL, make_corpus, make_tiny_lm
 
-from sae_lightning.data.activations import (
-    ActivationCacheConfig,
-    ActivationCacheDataModule,
-    ActivationDataModule,
-    LMActivationsConfig,
-)
+from sae_lightning.data.activations import ActivationDataModule
 from sae_lightning.data.cache import CacheCorruptError, permute, write_cache
+from sae_lightning.data.cached import ActivationCacheDataModule
+from sae_lightning.data.lm_config import ActivationCacheConfig, LMActivationsConfig
 from sae_lightning.data.normalization import fold_input_scale
-from sae_lightning.data.text import read_documents
 from sae_lightning.errors import ConfigError
+from sae_lightning.lm.text import read_documents
 from sae_lightning.sae import SparseAutoencoder
 
 HOOK = "transformer.h.1"
@@ -117,7 +114,7 @@ def test_ddp_ranks_read_disjoint_parts_of_one_global_batch(files, monkeypatch):
     whole = dm.rank_batch(3)
     parts = []
     for rank in range(2):
-        monkeypatch.setattr(dm, "_rank", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(dm, "rank_and_world", lambda rank=rank: (rank, 2))
         parts.append(dm.rank_batch(3))
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
     positions = dm.cache.batch_positions(3, 64, dm.seed)

@@ -269,7 +269,7 @@ def test_token_batches_take_the_contexts_of_the_local_stream_in_order():
     """Step t of an e2e run and of a local run with one-batch mixing buffers see the same
     contexts (the benchmark's "same tokens"), and an epoch visits every context once."""
     from sae_lightning.data.activations import MixingStream, TokenStream
-    from sae_lightning.data.text import Contexts
+    from sae_lightning.lm.text import Contexts
 
     n, seq, per_step = 12, 6, 3
     ids = torch.arange(n * seq).view(n, seq)

@@ -5,20 +5,41 @@ DataModule run through the LM clean, with the SAE's reconstruction at the hook, 
 hook zero-ablated (:mod:`sae_lightning.lm.evaluation`). It works in chunks sized to a memory
 budget, and under DDP each rank evaluates its share of the contexts and the sums are reduced
 before dividing, so the logged values are those of one process on all contexts.
+
+Named evaluation corpora of the data (``eval_text: {name: sources}``) are evaluated the same
+way and logged as ``val/<name>/kl``, ``val/<name>/ce_recovered``, ... with ``val/<name>/fvu``
+(the FVU of the SAE on those contexts' activations, transformed as the training data).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
+from sae_lightning.metrics import FractionOfVarianceUnexplained
+
+if TYPE_CHECKING:
+    from sae_lightning.data.lm_base import LMHandle
+    from sae_lightning.lm.text import Contexts
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class E2EKLConfig(PluginConfig):
@@ -63,42 +84,78 @@ class E2EKLEvaluation(pl.Callback):
         return datamodule
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """``{"<prefix>e2e/<metric>": value}`` for every SAE the module trains."""
-        from sae_lightning.lm.evaluation import (
-            memory_chunk,
-            splice_metrics,
-            spliced_loss_sums,
-        )
-
+        """``{"<prefix>e2e/<metric>": value}`` for every SAE the module trains, plus
+        ``<prefix>val/<name>/<metric>`` (with ``fvu``) for every named evaluation corpus."""
         lm = self._language_data(trainer).language_model()
         hook = self._hook(lm.hooks)
         n = len(lm.heldout_ids) if self.config.sequences is None else self.config.sequences
-        rank, world = trainer.global_rank, trainer.world_size
-        ids, keep = lm.heldout_ids[:n][rank::world], lm.heldout_keep[:n][rank::world]
-        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-        chunk = memory_chunk(self.config.memory_budget_mb * 2**20, ids.shape[1], vocab)
+        sets = {"e2e/": (lm.heldout_ids[:n], lm.heldout_keep[:n], None)}
+        for name, contexts in lm.eval_sets.items():
+            sets[f"val/{name}/"] = (contexts.ids, contexts.keep, contexts)
         results: dict[str, Tensor] = {}
         members = pl_module.members() if hasattr(pl_module, "members") else {"": pl_module}
         for prefix, member in members.items():
-            sae = member.sae
-            was_training = sae.training
-            sae.eval()
-            device = next(sae.parameters()).device
-
-            def reconstruct(
-                a: Tensor, sae: Any = sae, device: torch.device = device, scale: float = lm.scale
-            ) -> Tensor:
-                x = a.to(device, torch.float32) * scale
-                return (sae(x) / scale).to(a.device)
-
-            try:
-                sums = spliced_loss_sums(lm.model, hook, lm.io, reconstruct, ids, keep, chunk)
-            finally:
-                sae.train(was_training)
-            sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum")
-            for key, value in splice_metrics(sums.cpu())._asdict().items():
-                results[f"{prefix}e2e/{key}"] = torch.tensor(value)
+            for tag, (ids, keep, contexts) in sets.items():
+                metrics = self._splice(trainer, pl_module, lm, hook, member.sae, ids, keep)
+                if contexts is not None and lm.activations is not None:
+                    metrics["fvu"] = self._fvu(trainer, pl_module, lm, member.sae, contexts)
+                for key, value in metrics.items():
+                    results[f"{prefix}{tag}{key}"] = torch.tensor(value)
         return results
+
+    def _splice(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        lm: LMHandle,
+        hook: str,
+        sae: nn.Module,
+        ids: Tensor,
+        keep: Tensor,
+    ) -> dict[str, float]:
+        """KL / CE metrics of ``sae`` spliced in at ``hook`` over contexts ``ids``, all ranks."""
+        from sae_lightning.lm.evaluation import memory_chunk, splice_metrics, spliced_loss_sums
+
+        rank, world = trainer.global_rank, trainer.world_size
+        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+        chunk = memory_chunk(self.config.memory_budget_mb * 2**20, ids.shape[1], vocab)
+        device = next(sae.parameters()).device
+
+        def reconstruct(a: Tensor) -> Tensor:
+            x = a.to(device, torch.float32) * lm.scale
+            return (sae(x) / lm.scale).to(a.device)
+
+        with _eval_mode(sae):
+            sums = spliced_loss_sums(
+                lm.model, hook, lm.io, reconstruct, ids[rank::world], keep[rank::world], chunk
+            )
+        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum")
+        return splice_metrics(sums.cpu())._asdict()
+
+    @staticmethod
+    def _fvu(
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        lm: LMHandle,
+        sae: nn.Module,
+        contexts: Contexts,
+    ) -> float:
+        """FVU of ``sae`` on the activations of ``contexts`` (transformed as training data)."""
+        from sae_lightning.lm.text import Contexts
+
+        assert lm.activations is not None
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = Contexts(contexts.ids[rank::world], contexts.keep[rank::world])
+        metric = FractionOfVarianceUnexplained(int(sae.d_in))
+        x = lm.activations(mine).float().to(next(sae.parameters()).device)
+        with _eval_mode(sae), torch.no_grad():
+            if len(x):
+                metric.update(x.cpu(), sae(x).cpu())
+        states = torch.cat([metric.sq_err[None], metric.sum_x, metric.sum_sq[None], metric.n[None]])
+        states = trainer.strategy.reduce(states.to(pl_module.device), reduce_op="sum").cpu()
+        metric.sq_err, metric.sum_x = states[0], states[1:-2]
+        metric.sum_sq, metric.n = states[-2], states[-1]
+        return float(metric.compute())
 
     def _hook(self, hooks: list[str]) -> str:
         if self.config.hook is not None:

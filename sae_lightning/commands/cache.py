@@ -2,8 +2,9 @@
 
 The recipe's ``data`` must be ``lm_activations`` with ``cache_dir`` set; training the same
 recipe then reads the cache instead of running the LM. The size is estimated and printed
-before anything is written, a progress bar follows the shards, and re-running after a crash
-resumes from the last whole shard.
+before anything is written, progress follows the contexts and tokens (a plain line every
+``--progress-seconds`` when the output is not a terminal), re-running after a crash resumes
+from the last whole shard, and the harvest throughput is compared with the LM forward alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "override the recipe.",
     )
     p.add_argument("--config", "-c", action="append", default=[], help="recipe YAML (repeat)")
+    p.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        help="seconds between progress lines when the output is not a terminal (default 30)",
+    )
     p.set_defaults(func=run)
 
 
@@ -31,7 +38,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from sae_lightning.cli import split_overrides
     from sae_lightning.config import split_spec
     from sae_lightning.data.activations import ActivationDataModule
-    from sae_lightning.data.cache import write_cache
+    from sae_lightning.data.cache_writer import write_cache
     from sae_lightning.recipe import load_recipe
     from sae_lightning.registry import registry
 
@@ -42,5 +49,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     if not isinstance(datamodule, ActivationDataModule):
         name, _ = split_spec(recipe.data, "data")
         raise ConfigError("data.name", f"is {name!r}; only lm_activations data can be cached")
-    write_cache(datamodule, Console())
+    if args.progress_seconds <= 0:
+        raise ConfigError(
+            "--progress-seconds", f"is {args.progress_seconds}", "use a positive number"
+        )
+    write_cache(datamodule, Console(), args.progress_seconds)
     return 0

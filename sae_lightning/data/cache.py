@@ -1,16 +1,7 @@
-"""The on-disk activation cache: sharded safetensors, a manifest, token-level shuffled reads.
+"""Reading an activation cache: checked at the door, memory-mapped, shuffled at token level.
 
-Layout of a cache folder::
-
-    manifest.json                 model, revision, hook, dtype, token counts, stats, shards
-    train_00000.safetensors       activations (rows, d), token_ids (tokens,)  int32
-    ...
-    val_00000.safetensors         the held-out contexts: activations, token_ids, input_ids
-
-Rows are ordered context by context, position by position, one per hook. Each shard holds
-whole contexts and is written to a temporary file and renamed, so a killed run leaves only
-whole shards; the manifest (with every shard's sha256) is written last. Re-running skips the
-shards already there (checking that they belong to the same recipe and corpus).
+The layout is described in :mod:`sae_lightning.data.cache_format`; the writer
+(``sae-lightning cache``) is :func:`sae_lightning.data.cache_writer.write_cache`.
 
 Reading memory-maps the shards' activation tensors (the safetensors header gives their byte
 offsets), so a batch reads only its own rows. Epoch ``e`` visits the rows in the order of a
@@ -20,38 +11,31 @@ token level over the whole cache without holding a permutation in memory.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from sae_lightning.data.cache_format import (
+    CACHE_COMMAND,
+    MANIFEST,
+    STORAGE_DTYPES,
+    CacheCorruptError,
+    load_tensor,
+    map_tensor,
+    read_manifest,
+    sha256_file,
+)
+from sae_lightning.data.cache_writer import write_cache
 from sae_lightning.data.normalization import NormStats, norm_stats
 from sae_lightning.data.stream import seeded_generator
-from sae_lightning.errors import ConfigError, SaeLightningError
-from sae_lightning.io import atomic_write, atomic_write_text
+from sae_lightning.errors import ConfigError
 
-if TYPE_CHECKING:
-    from rich.console import Console
+__all__ = ["MANIFEST", "ActivationCache", "CacheCorruptError", "open_cache", "write_cache"]
 
-    from sae_lightning.data.activations import ActivationDataModule
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 _PERMUTATION = 12  # stream id for seeded_generator
-_NUMPY = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": np.int16}
-_TORCH = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
-CACHE_COMMAND = "sae-lightning cache --config <recipe>"
-
-
-class CacheCorruptError(SaeLightningError):
-    """A cache shard is missing or does not match its checksum."""
-
 
 # ---- permutation ----------------------------------------------------------------------------
 
@@ -99,68 +83,6 @@ def epoch_key(seed: int, epoch: int) -> int:
 # ---- reading --------------------------------------------------------------------------------
 
 
-def read_manifest(path: Path, field: str) -> dict[str, Any]:
-    """The manifest of the complete cache at ``path``.
-
-    Raises:
-        ConfigError: naming ``field`` when there is no complete cache there.
-    """
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ConfigError(
-            field,
-            f"no complete activation cache at {str(path)!r} (no {MANIFEST})",
-            f"write it with `{CACHE_COMMAND}`",
-        )
-    manifest = json.loads(file.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
-            field,
-            f"{file} has format_version {manifest.get('format_version')!r}, "
-            f"this sae-lightning reads {FORMAT_VERSION}",
-            f"re-create the cache with `{CACHE_COMMAND}`",
-        )
-    return manifest
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors JSON header of ``path`` and the byte offset of its data."""
-    with open(path, "rb") as fh:
-        size = struct.unpack("<Q", fh.read(8))[0]
-        return json.loads(fh.read(size)), 8 + size
-
-
-def map_tensor(path: Path, name: str) -> Tensor:
-    """Tensor ``name`` of a safetensors file, memory-mapped (pages load on first touch)."""
-    header, start = _header(path)
-    info = header[name]
-    begin, _ = info["data_offsets"]
-    array = np.memmap(
-        path,
-        dtype=_NUMPY[info["dtype"]],
-        mode="c",
-        offset=start + begin,
-        shape=tuple(info["shape"]),
-    )
-    tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
-
-
-def load_tensor(path: Path, name: str) -> Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return fh.get_tensor(name)
-
-
 @dataclass
 class ActivationCache:
     """A complete cache folder, opened for reading.
@@ -193,7 +115,9 @@ class ActivationCache:
     def read(self, rows: Tensor) -> Tensor:
         """Training rows ``rows`` (indices into the whole cache), in that order, stored dtype."""
         shard = torch.searchsorted(self.starts, rows, right=True) - 1
-        out = torch.empty(len(rows), self.d_in, dtype=_TORCH[self.manifest["storage_dtype"]])
+        out = torch.empty(
+            len(rows), self.d_in, dtype=STORAGE_DTYPES[self.manifest["storage_dtype"]]
+        )
         for i in shard.unique().tolist():
             sel = shard == i
             out[sel] = self._shard(i)[rows[sel] - self.starts[i]]
@@ -264,190 +188,3 @@ def open_cache(path: Path, *, expect: dict[str, Any], verify: bool, field: str) 
                 f"the file and re-run `{CACHE_COMMAND}` to rewrite it"
             )
     return ActivationCache(path, manifest)
-
-
-# ---- writing --------------------------------------------------------------------------------
-
-
-def _identity(dm: ActivationDataModule) -> dict[str, Any]:
-    """What determines a cache's content, besides the token ids."""
-    c = dm.config
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": c.model,
-        "revision": c.revision,
-        "gguf_file": c.gguf_file,
-        "model_dtype": c.model_dtype,
-        "hook": c.hook,
-        "hooks": dm.hooks,
-        "io": c.io,
-        "dtype": c.dtype,
-        "context_length": c.context_length,
-        "prepend_bos": c.prepend_bos,
-        "exclude_special_tokens": c.exclude_special_tokens,
-        "d_in": dm.d_in,
-    }
-
-
-def _fingerprint(identity: dict[str, Any], dm: ActivationDataModule) -> str:
-    assert dm.corpus is not None
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-    for part in (dm.corpus.train, dm.corpus.val):
-        digest.update(part.ids.numpy().tobytes())
-        digest.update(part.keep.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _plan(dm: ActivationDataModule) -> list[tuple[str, str, int, int]]:
-    """``(file, split, first context, end context)`` of every shard."""
-    assert dm.corpus is not None
-    c = dm.config
-    per_context = c.context_length * len(dm.hooks)
-    step = max(1, c.shard_tokens // per_context)
-    plan = []
-    for split, contexts in (("train", dm.corpus.train), ("val", dm.corpus.val)):
-        n = len(contexts)
-        for i, first in enumerate(range(0, n, step)):
-            plan.append((f"{split}_{i:05d}.safetensors", split, first, min(n, first + step)))
-    return plan
-
-
-def estimate_bytes(dm: ActivationDataModule) -> tuple[int, int]:
-    """``(activation rows, bytes on disk)`` the cache of ``dm`` will take."""
-    assert dm.corpus is not None
-    tokens = sum(int(p.keep.sum()) for p in (dm.corpus.train, dm.corpus.val))
-    rows = tokens * len(dm.hooks)
-    itemsize = torch.empty(0, dtype=torch.float32).to(_dtype(dm)).element_size()
-    val_ids = dm.corpus.val.ids.numel() * 4
-    return rows, rows * dm.d_in * itemsize + tokens * 4 + val_ids
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
-
-
-def _dtype(dm: ActivationDataModule) -> torch.dtype:
-    from sae_lightning.lm.loading import DTYPES
-
-    return DTYPES[dm.config.dtype]
-
-
-def _existing(file: Path, fingerprint: str, cache_dir: Path) -> bool:
-    """Whether ``file`` is a whole shard of this cache (raises if it belongs to another)."""
-    if not file.is_file():
-        return False
-    header, _ = _header(file)
-    found = header.get("__metadata__", {}).get("fingerprint")
-    if found != fingerprint:
-        raise ConfigError(
-            "data.cache_dir",
-            f"{str(cache_dir)!r} holds shards of another recipe or corpus ({file.name})",
-            "delete the folder or choose another cache_dir",
-        )
-    return True
-
-
-def write_cache(dm: ActivationDataModule, console: Console) -> dict[str, Any]:
-    """Harvest every training and held-out context of ``dm`` into its ``cache_dir``.
-
-    Prints the estimated size first and a progress bar while writing; resumes a killed run.
-
-    Returns:
-        The manifest written.
-
-    Raises:
-        ConfigError: ``data.cache_dir`` is unset, or holds a different cache.
-    """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from safetensors.torch import save
-
-    from sae_lightning import __version__
-
-    c = dm.config
-    if c.cache_dir is None:
-        raise ConfigError("data.cache_dir", "is not set", "name the folder to write the cache to")
-    out = Path(c.cache_dir).expanduser()
-    dm.load()
-    assert dm.corpus is not None and dm.harvester is not None
-    identity = _identity(dm)
-    fingerprint = _fingerprint(identity, dm)
-    if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            console.print(f"cache at {out} is complete; nothing to do", soft_wrap=True)
-            return manifest
-        raise ConfigError(
-            "data.cache_dir",
-            f"{str(out)!r} holds a cache of another recipe or corpus",
-            "delete the folder or choose another cache_dir",
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.safetensors.*.tmp"):  # left by a killed run
-        stale.unlink()
-    plan = _plan(dm)
-    rows, size = estimate_bytes(dm)
-    console.print(
-        f"caching {rows:,} activations ({len(dm.hooks)} hook(s) x d={dm.d_in}, {c.dtype}) "
-        f"in {len(plan)} shards: about {human_bytes(size)} in {out}",
-        soft_wrap=True,
-    )
-    shards = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} contexts"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        total = len(dm.corpus.train) + len(dm.corpus.val)
-        task = progress.add_task("harvesting", total=total)
-        for name, split, first, end in plan:
-            contexts = dm.corpus.train if split == "train" else dm.corpus.val
-            file = out / name
-            if not _existing(file, fingerprint, out):
-                index = torch.arange(first, end)
-                tensors = {
-                    "activations": dm.harvester(contexts, index).contiguous(),
-                    "token_ids": contexts.ids[index][contexts.keep[index]].int(),
-                }
-                if split == "val":
-                    tensors["input_ids"] = contexts.ids[index].int()
-                    tensors["input_keep"] = contexts.keep[index].to(torch.uint8)
-                data = save(tensors, metadata={"fingerprint": fingerprint, "split": split})
-                atomic_write(file, lambda fh, data=data: fh.write(data))
-            header, _ = _header(file)
-            shards.append(
-                {
-                    "file": name,
-                    "split": split,
-                    "contexts": [first, end],
-                    "rows": int(header["activations"]["shape"][0]),
-                    "sha256": sha256_file(file),
-                }
-            )
-            progress.advance(task, end - first)
-    manifest = {
-        **identity,
-        "fingerprint": fingerprint,
-        "sae_lightning_version": __version__,
-        "storage_dtype": _header(out / shards[0]["file"])[0]["activations"]["dtype"],
-        "tokens": int(dm.corpus.train.keep.sum()),
-        "rows": sum(s["rows"] for s in shards if s["split"] == "train"),
-        "val_tokens": int(dm.corpus.val.keep.sum()),
-        "val_rows": sum(s["rows"] for s in shards if s["split"] == "val"),
-        "shards": shards,
-    }
-    cache = ActivationCache(out, manifest)
-    manifest["stats"] = norm_stats(
-        cache.read(torch.arange(min(c.stats_tokens, cache.rows)))
-    ).to_dict()
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    console.print(
-        f"wrote {out / MANIFEST}: {manifest['rows']:,} training activations", soft_wrap=True
-    )
-    return manifest

@@ -9,6 +9,9 @@ validation and the loaders, shared by every data module built on such batches.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Protocol
 
@@ -27,20 +30,29 @@ BatchFn = Callable[[int], Tensor]
 class IndexedBatchStream(IterableDataset):
     """Yields ``make_batch(start), make_batch(start + 1), ...``, this rank's slice of each.
 
+    Batches are produced ``prefetch`` ahead in a background thread, so the next batch is made
+    while the training step runs (and while Lightning's own one-batch lookahead waits). Which
+    batch comes at which position does not depend on it: batch ``t`` is still
+    ``make_batch(t)``.
+
     Args:
-        make_batch: deterministic batch factory.
+        make_batch: deterministic batch factory (a tensor or a tuple of tensors).
         start: index of the first batch to yield (the number already consumed).
         rank, world_size: which contiguous slice of each global batch this process takes.
         length: number of batches in total (None: endless).
+        prefetch: batches produced ahead in a background thread (0: in the caller's thread).
+        pin_memory: pin each batch in page-locked memory, for asynchronous copies to a GPU.
     """
 
     def __init__(
         self,
-        make_batch: BatchFn,
+        make_batch: Callable[[int], Any],
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
         length: int | None = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.make_batch = make_batch
@@ -48,14 +60,48 @@ class IndexedBatchStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.length = length
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def _produce(self, t: int) -> Any:
+        with torch.no_grad():  # a new thread starts with grad mode on
+            batch = self.make_batch(t)
+        if self.world_size > 1:
+            per_rank = batch.shape[0] // self.world_size
+            batch = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return _pinned(batch) if self.pin_memory else batch
+
+    def _indices(self) -> Iterator[int]:
         t = self.start
         while self.length is None or t < self.length:
-            batch = self.make_batch(t)
-            per_rank = batch.shape[0] // self.world_size
-            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+            yield t
             t += 1
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.prefetch <= 0:
+            yield from map(self._produce, self._indices())
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(1, "batches")
+        pending: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        indices = self._indices()
+        try:
+            for t in itertools.islice(indices, self.prefetch):
+                pending.append(pool.submit(self._produce, t))
+            while pending:
+                batch = pending.popleft().result()
+                for t in itertools.islice(indices, 1):
+                    pending.append(pool.submit(self._produce, t))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+
+
+def _pinned(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.pin_memory()
+    return type(batch)(*(_pinned(part) for part in batch))
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -116,9 +162,14 @@ class IndexedDataModule(pl.LightningDataModule):
         self.validator: BatchValidator | None = None
 
     def rank_and_world(self) -> tuple[int, int]:
-        """``(global_rank, world_size)`` of this process, ``(0, 1)`` without a trainer."""
+        """``(data-parallel rank, data-parallel size)`` of this process, ``(0, 1)`` without a
+        trainer: the global rank and world size, except under ``model_parallel``, where the
+        ranks of one tensor-parallel group share the same rows."""
         if self.trainer is None:
             return 0, 1
+        sampler = getattr(self.trainer, "distributed_sampler_kwargs", None)
+        if sampler is not None:
+            return sampler["rank"], sampler["num_replicas"]
         return self.trainer.global_rank, self.trainer.world_size
 
     def check_batch_size(self) -> None:
@@ -144,9 +195,18 @@ class IndexedDataModule(pl.LightningDataModule):
         """The whole validation set at the training grid (after ``setup``)."""
         raise NotImplementedError
 
-    def train_dataloader(self) -> DataLoader:
-        stream = IndexedBatchStream(self.rank_batch, self.consumed.count)
+    def on_gpu(self) -> bool:
+        """Whether training runs on a CUDA device (batches are then pinned for async copies)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def train_batches(self, make_batch: Callable[[int], Any]) -> DataLoader:
+        """A loader of ``make_batch(t)`` from the checkpointed position on, made ahead in a
+        background thread (pinned on CUDA)."""
+        stream = IndexedBatchStream(make_batch, self.consumed.count, pin_memory=self.on_gpu())
         return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_batches(self.rank_batch)
 
     def val_dataloader(self) -> DataLoader:
         val = self.validation_data()

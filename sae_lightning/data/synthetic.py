@@ -8,7 +8,9 @@ the SAE recovers it (MMCS and the fraction of atoms found at cosine >= 0.9).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -52,6 +54,73 @@ class SyntheticConfig(PluginConfig):
         return self
 
 
+class AliasTable:
+    """Walker's alias table: i.i.d. draws from fixed weights in O(1) each (Vose's construction).
+
+    Draw: a uniform bin ``i``, kept with probability ``keep[i]``, else its ``alias[i]``.
+    """
+
+    def __init__(self, weights: Tensor) -> None:
+        n = len(weights)
+        scaled = (weights.double() * n / weights.double().sum()).tolist()
+        keep, alias = [1.0] * n, list(range(n))
+        small = [i for i, w in enumerate(scaled) if w < 1.0]
+        large = [i for i, w in enumerate(scaled) if w >= 1.0]
+        while small and large:
+            s, g = small.pop(), large.pop()
+            keep[s], alias[s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+        self.keep = np.array(keep)  # leftovers are exactly 1 (up to rounding)
+        self.alias = np.array(alias, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> np.ndarray:
+        """I.i.d. indices of ``shape``; the randomness comes from ``generator``."""
+        u = torch.rand(*shape, generator=generator, dtype=torch.float64).numpy() * len(self)
+        bins = np.minimum(u.astype(np.int64), len(self) - 1)
+        return np.where(u - bins < self.keep[bins], bins, self.alias[bins])
+
+
+def draw_distinct(table: AliasTable, n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``(n, k)`` indices, ``k`` distinct per row, drawn one after another, each with
+    probability proportional to its weight among those not drawn yet.
+
+    That is the law of ``torch.multinomial(..., replacement=False)``, computed much faster for
+    ``k`` far below the number of items: each row draws i.i.d. with replacement (an alias
+    table) and keeps the first ``k`` distinct values. The first new value after some draws is
+    distributed as the weights restricted to the values not drawn yet, so this is exact. Rows
+    that have not met ``k`` distinct values draw more, continuing their own sequence.
+
+    Args:
+        table: the weights (at least ``k`` of them nonzero).
+        n: rows.
+        k: distinct items per row.
+        generator: the source of randomness; the result is a function of its state.
+    """
+    # NumPy: the loop's many small gathers and scatters would each enter a torch parallel region.
+    out = np.empty((n, k), dtype=np.int64)
+    found = np.zeros(n, dtype=np.int64)  # distinct values found so far, per row
+    seen = np.zeros((n, len(table)), dtype=bool)
+    todo = np.arange(n)
+    extra = max(8, k // 2)
+    while len(todo):
+        block = table.draw((len(todo), k + extra), generator)
+        local = np.arange(len(todo))
+        for column in block.T:  # in draw order: the first k distinct values are kept
+            new = ~seen[local, column] & (found[todo] < k)
+            seen[local, column] = True
+            rows = todo[new]
+            out[rows, found[rows]] = column[new]
+            found[rows] += 1
+        more = found[todo] < k
+        todo, seen = todo[more], seen[more]
+        extra = 2 * extra
+    return torch.from_numpy(out)
+
+
 class SparseGenerativeModel:
     """The ground-truth dictionary and the sampler of sparse combinations of its atoms."""
 
@@ -64,16 +133,16 @@ class SparseGenerativeModel:
         self.atoms = atoms / atoms.norm(dim=1, keepdim=True)  # (n_atoms, d)
         ranks = torch.arange(1, n_atoms + 1, dtype=torch.float64)
         self.probs = (ranks**-config.zipf_exponent).float()  # (n_atoms,)
+        self.table = AliasTable(ranks**-config.zipf_exponent)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``(n, d)`` samples, each a noisy sum of ``n_active`` scaled atoms."""
         c = self.config
-        chosen = torch.multinomial(
-            self.probs.expand(n, -1), c.n_active, replacement=False, generator=generator
-        )  # (n, n_active)
+        chosen = draw_distinct(self.table, n, c.n_active, generator)  # (n, n_active)
         amps = torch.rand(n, c.n_active, generator=generator)
         amps = c.amplitude_min + (c.amplitude_max - c.amplitude_min) * amps
-        x = torch.einsum("na,nad->nd", amps, self.atoms[chosen])
+        # A weighted sum of gathered rows, without materialising (n, n_active, d).
+        x = F.embedding_bag(chosen, self.atoms, per_sample_weights=amps, mode="sum")
         if c.noise_std > 0:
             x = x + c.noise_std * torch.randn(n, c.d, generator=generator)
         return x

@@ -55,7 +55,7 @@ def open_source(dm: Any, options: InspectOptions, device: torch.device) -> tuple
     c = dm.config
     folder = cache_path(dm, options)
     if folder is not None:
-        from sae_lightning.data.cache import read_manifest
+        from sae_lightning.data.cache_format import read_manifest
 
         hooks = read_manifest(folder, "data.cache_dir")["hooks"]
         index = hook_of(hooks, options)

@@ -18,7 +18,8 @@ def data_spec(recipe: RecipeConfig, options: InspectOptions) -> dict:
     name, params = split_spec(recipe.data, "data")
     if options.text:
         params = {**params, "text": list(options.text), "val_sequences": 0, "cache_dir": None}
-        params.pop("max_sequences", None)
+        for split in ("max_sequences", "val_documents", "val_fraction", "eval_text"):
+            params.pop(split, None)  # every context of the given text is read
     return {"name": name, **params}
 
 

@@ -91,7 +91,7 @@ class CacheSource:
     def __init__(
         self, path: Path, hook_index: int, tokens: int, context_length: int, batch_size: int
     ) -> None:
-        from sae_lightning.data.cache import read_manifest
+        from sae_lightning.data.cache_format import read_manifest
 
         self.path = path
         self.manifest = read_manifest(path, "data.cache_dir")
@@ -106,7 +106,7 @@ class CacheSource:
 
     def _stream(self) -> Iterator[tuple[Tensor, Tensor]]:
         """``(token ids, activations)`` of each shard, this hook's rows only."""
-        from sae_lightning.data.cache import load_tensor, map_tensor
+        from sae_lightning.data.cache_format import load_tensor, map_tensor
 
         for shard in self.manifest["shards"]:
             if shard["split"] != "train":

@@ -1,4 +1,4 @@
-"""A local English+code corpus on every machine: Python's own documentation.
+"""Local corpora on every machine: Python's own documentation, and its licence text.
 
 ``pydoc_data.topics`` holds the language reference sections that ``help()`` shows, and the
 standard library's docstrings add API prose. Both ship with CPython, so a recipe can train on
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sysconfig
 import warnings
+from pathlib import Path
 
 STDLIB_MODULES = """
 abc argparse array ast asyncio base64 bisect calendar collections concurrent.futures
@@ -45,6 +47,18 @@ def python_docs() -> list[str]:
             continue
         docs.append(_module_text(module))
     return [d for d in docs if d.strip()]
+
+
+def python_license() -> list[str]:
+    """One document: the licence text of this Python (``LICENSE.txt`` in its standard library).
+
+    Legal prose, unlike the documentation: an evaluation corpus of a different kind.
+
+    Raises:
+        FileNotFoundError: this Python ships no licence file.
+    """
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    return [path.read_text(encoding="utf-8")]
 
 
 def _module_text(module: object) -> str:

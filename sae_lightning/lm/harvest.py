@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sae_lightning.data.text import Contexts
 from sae_lightning.lm.hooks import HookIO, run_to_hooks
+from sae_lightning.lm.text import Contexts
 
 
 class Harvester:
