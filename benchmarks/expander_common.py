@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,3 +40,52 @@ def train_step(sae: Any, x: torch.Tensor, opt: torch.optim.Optimizer, dead: torc
     opt.step()
     opt.zero_grad(set_to_none=True)
     sae.after_optimizer_step()
+
+
+def replace_between(doc: Path, begin: str, end: str, lines: list[str]) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` of ``doc`` (kept)."""
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: add the markers {begin} and {end} where the table goes")
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + "\n".join([begin, "", *lines, "", end]) + rest.split(end, 1)[1])
+
+
+def label_of(row: dict) -> str:
+    """The x-axis label of a frontier row: ``d=<degree>`` for an expander, else ``dense``."""
+    return row["label"].split()[-1] if row["label"].startswith("expander") else "dense"
+
+
+def svg_frame(
+    size: tuple[int, int, int, int, int, int],
+    y_ticks: list[tuple[float, float]],
+    x_labels: list[tuple[float, str]],
+    x_title: str,
+    y_title: str,
+) -> list[str]:
+    """The opening of a hand-drawn SVG plot: background, axes, tick labels and titles.
+
+    Args:
+        size: ``(width, height, left, right, top, bottom)`` in pixels.
+        y_ticks: ``(pixel y, value)`` per tick; x_labels: ``(pixel x, text)`` per point.
+    """
+    w, h, left, right, top, bottom = size
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>',
+    ]
+    for y, v in y_ticks:
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for x, name in x_labels:
+        out.append(f'<text x="{x:.1f}" y="{h - bottom + 14}" text-anchor="middle">{name}</text>')
+    out.append(
+        f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">{x_title}</text>'
+    )
+    out.append(
+        f'<text x="14" y="{(top + h - bottom) / 2}" transform="rotate(-90 14 '
+        f'{(top + h - bottom) / 2})" text-anchor="middle">{y_title}</text>'
+    )
+    return out

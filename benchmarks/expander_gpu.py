@@ -1,7 +1,8 @@
 """The expander kernels on a GPU: float64 equivalence on the device, then step time and memory.
 
-1. The float64 comparison of ``tests/test_expander.py`` (compact SAE against a dense masked
-   one, outputs and every gradient) and compact against dense OMP, run on the device.
+1. The float64 comparison of ``tests/test_expander.py`` (compact SAE, fused path and dense-masked
+   path, against a dense masked one, outputs and every gradient) and compact against dense OMP,
+   run on the device.
 2. Training-step time and peak allocated memory of the expander SAE against the dense TopK SAE,
    alternating in rounds: forward, MSE + AuxK (1% dead latents), backward, decoder hooks, fused
    Adam (the step of ``expander_memory.py``), float32.
@@ -40,6 +41,7 @@ def check_float64(device: str) -> None:
         torch.manual_seed(0)
         spec = {"name": name, "k": 5} if "topk" in name else {"name": name}
         sae = build("expander", 24, 96, 5, 4, spec).to(device, torch.float64)
+        sae.fused = not probe  # the probe reads the dense pre-activations: the reference path
         with torch.no_grad():
             sae.encoder.b_enc.normal_(0, 0.1)
             sae.decoder.b_dec.normal_(0, 0.1)

@@ -12,10 +12,11 @@ squared-error reconstruction + the sparsity plugin's auxiliary (AuxK) term, back
 decoder's gradient hook, fused Adam, the decoder's constraint hook.
 
     python benchmarks/expander_memory.py                      # m=2048, n=65536, d=8, k=32
-    python benchmarks/expander_memory.py --batch 256 1024 4096
+    python benchmarks/expander_memory.py --batch 256 1024 4096 16384
 
 Linux with glibc only (reads /proc, calls ``malloc_trim``). The dense SAE at the default shape
-needs about 5 GiB free.
+needs about 5 GiB free. The last lines print each ratio as
+``memory_ratio_batch<B>=<dense peak / expander peak>``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=65536, help="n")
     parser.add_argument("--d", type=int, default=8, help="expander degree")
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("KIND", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,6 +99,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     shape = ["--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--d", str(args.d)]
     shape += ["--k", str(args.k), "--steps", str(args.steps)]
+    ratios = {}
     for batch in args.batch:
         res = {}
         for kind in ("dense", "expander"):
@@ -111,6 +113,10 @@ def main() -> None:
             f"{dense['state_mib']:,.1f} / {exp['state_mib']:,.1f} |",
             flush=True,
         )
+        ratios[batch] = dense["peak_mib"] / exp["peak_mib"]
+    print()
+    for batch, ratio in ratios.items():
+        print(f"memory_ratio_batch{batch}={ratio:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Function-space SAEs side by side on the same synthetic functions (issue 10 acceptance).
+"""Function-space SAEs side by side on the same synthetic functions.
 
 SAE-MLP, L-SAE, SAE-CNN, SAE-FNO and L-SAE-FNO train on the same batches of the sparse functional
 generative model (``function_synthetic``: 1-D, sums of ``n_active`` of ``n_atoms`` known atoms,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from sae_lightning._version import __version__
 
 __all__ = [
     "ConfigError",
@@ -12,14 +12,12 @@ __all__ = [
     "SparseAutoencoder",
     "__version__",
     "export_sae",
-    "load_any",
     "load_sae",
     "registry",
 ]
 
 if TYPE_CHECKING:
     from sae_lightning.errors import ConfigError
-    from sae_lightning.formats import load_any
     from sae_lightning.io import export_sae, load_sae
     from sae_lightning.module import SAEModule
     from sae_lightning.registry import registry
@@ -31,7 +29,6 @@ _LAZY = {
     "SparseAutoencoder": "sae_lightning.sae",
     "export_sae": "sae_lightning.io",
     "load_sae": "sae_lightning.io",
-    "load_any": "sae_lightning.formats",
     "registry": "sae_lightning.registry",
 }
 

@@ -15,11 +15,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import shlex
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from sae_lightning.commands import COMMAND_MODULES
-from sae_lightning.errors import ConfigError, SaeLightningError
+from sae_lightning.errors import ConfigError, NonFiniteError, SaeLightningError
+
+if TYPE_CHECKING:
+    from sae_lightning.registry import PluginInfo
 
 
 def split_overrides(tokens: Sequence[str]) -> list[tuple[str, str]]:
@@ -45,8 +54,16 @@ def split_overrides(tokens: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in the CLI's own two-line form (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}\n  fix: see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sae-lightning",
         description="Train sparse autoencoders from YAML recipes. Any recipe field can be "
         "overridden as --<dotted.field> <value>, e.g. --model.sparsity.k 16.",
@@ -81,12 +98,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(rest[0], "unexpected argument for `plugins`")
             return _plugins(args.json, args.strict)
         return _train_or_validate(args, rest)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SaeLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except NonFiniteError as err:  # the run diverged: not a bad input
+        _report(err)
         return 1
+    except SaeLightningError as err:
+        _report(err)
+        return 2
+
+
+def _report(err: SaeLightningError) -> None:
+    """Print ``err`` to stderr in at most three lines, once per job (rank 0 of a DDP job)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return  # every rank meets the same error; rank 0 says it
+    if isinstance(err, ConfigError):
+        head = f"{err.field}: {err.message}" if err.field else err.message
+        lines = [head] + ([f"fix: {err.fix}"] if err.fix else [])
+    else:
+        lines = [str(err)]
+    lines = [" ".join(line.split()) for line in lines]  # each message on one line
+    print(f"error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line}", file=sys.stderr)
 
 
 def _train_or_validate(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -110,12 +145,52 @@ def _train_or_validate(args: argparse.Namespace, rest: Sequence[str]) -> int:
         metrics = runner.fit(recipe, args.ckpt_path)
         if metrics and rank_zero_only.rank == 0:  # under DDP every rank returns; print once
             print_metrics(metrics, title=f"{recipe.name}: final metrics")
-            print(f"\nMonitor with:  tensorboard --logdir {recipe.output_dir}")
+            run_dir = latest_run_dir(Path(recipe.output_dir) / recipe.name)
+            if run_dir is not None:
+                print("\n" + next_steps(run_dir, Path(recipe.output_dir)))
         return 0
     metrics = runner.validate(recipe, args.ckpt_path)
     if rank_zero_only.rank == 0:
         print_metrics(metrics, title=f"{recipe.name}: validation")
     return 0
+
+
+def latest_run_dir(root: Path) -> Path | None:
+    """The newest ``version_N`` folder under ``root`` that holds a finished run's metrics."""
+    from sae_lightning.io import METRICS_FILE
+
+    found = [
+        (int(d.name.removeprefix("version_")), d)
+        for d in root.glob("version_*")
+        if d.name.removeprefix("version_").isdigit() and (d / METRICS_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def executable(name: str) -> str:
+    """``name`` if it is on PATH, else its full path beside this Python (an unactivated venv)."""
+    if shutil.which(name) is not None:
+        return name
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else name
+
+
+def next_steps(run_dir: Path, output_dir: Path) -> str:
+    """The run folder and copy-paste commands to load, report on, export and monitor it."""
+    cli = executable("sae-lightning")
+    folder = shlex.quote(str(run_dir))
+    load = f"from sae_lightning import load_sae; sae = load_sae({json.dumps(str(run_dir))})"
+    return "\n".join(
+        [
+            f"Run folder: {run_dir}",
+            "Next steps:",
+            f"  load it:     {shlex.quote(sys.executable)} -c {shlex.quote(load)}",
+            f"  report:      {cli} report {folder}",
+            f"  export:      {cli} export {folder} --format saelens --out "
+            f"{shlex.quote(str(run_dir / 'saelens'))}",
+            f"  TensorBoard: {executable('tensorboard')} --logdir {shlex.quote(str(output_dir))}",
+        ]
+    )
 
 
 def _quiet_dependencies() -> None:
@@ -133,22 +208,44 @@ def _quiet_dependencies() -> None:
 def _plugins(as_json: bool, strict: bool) -> int:
     from sae_lightning.registry import registry
 
-    infos = registry.describe()
-    if as_json:
-        print(json.dumps([info.__dict__ for info in infos], indent=2))
-    else:
-        from rich.console import Console
-        from rich.table import Table
+    if as_json or strict:  # needs each plugin imported: its Config's schema, its import errors
+        infos = registry.describe()
+        if as_json:
+            print(json.dumps([info.__dict__ for info in infos], indent=2))
+        else:
+            print(plugins_table(infos, _terminal_width()))
+        return 1 if strict and any(i.error is not None for i in infos) else 0
+    print(plugins_table(registry.summaries(), _terminal_width()))
+    return 0
 
-        table = Table(title="sae-lightning plugins")
-        for col in ("group", "name", "distribution", "version", "description"):
-            table.add_column(col)
-        for info in infos:
-            desc = info.description if info.error is None else f"[red]BROKEN: {info.error}[/red]"
-            table.add_row(info.group, info.name, info.dist, info.version, desc)
-        Console().print(table)
-    broken = [i for i in infos if i.error is not None]
-    return 1 if strict and broken else 0
+
+def _terminal_width() -> int:
+    """The terminal's width, 80 when stdout is not a terminal (a pipe, a file, CI logs)."""
+    return shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else 80
+
+
+def plugins_table(infos: Sequence[PluginInfo], width: int = 80) -> str:
+    """Plugins grouped by kind, cut to ``width`` columns (never wrapped by the terminal).
+
+    One line per plugin when it fits with 45 columns of description, else two lines: name and
+    distribution, then the description.
+    """
+    lines: list[str] = []
+    name_w = max((len(i.name) for i in infos), default=4) + 2
+    source_w = max((len(f"{i.dist} {i.version}") for i in infos), default=6) + 2
+    for group in dict.fromkeys(i.group for i in infos):
+        lines.append(f"{group}:")
+        for info in (i for i in infos if i.group == group):
+            text = info.description if info.error is None else "BROKEN:"
+            head = f"  {info.name:<{name_w}}{info.dist + ' ' + info.version:<{source_w}}"
+            if len(head) + 45 > width:  # narrow: the description goes on its own line
+                lines.append(head.rstrip())
+                head = "      "
+            line = head + text
+            lines.append(line if len(line) <= width else line[: width - 3] + "...")
+            if info.error is not None:  # the whole error, wrapped: it says what to fix
+                lines += textwrap.wrap(info.error, width, initial_indent="    ")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

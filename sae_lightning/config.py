@@ -99,9 +99,13 @@ def config_error_from_validation(
             f"unknown key '{key}'{did_you_mean(key, valid)}",
             f"valid keys: {', '.join(valid) or '(none)'}",
         )
-    message = first["msg"]
-    if first["type"] not in ("missing", "value_error") or first["loc"]:
-        message += f", got {first.get('input')!r}"
+    if first["type"] == "missing":
+        return ConfigError(field, "is required", f"add `{field.rsplit('.', 1)[-1]}: <value>`")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    value = first.get("input")
+    if first["type"] != "value_error" and not isinstance(value, dict):
+        shown = repr(value)
+        message += f", got {shown if len(shown) <= 80 else shown[:77] + '...'}"
     return ConfigError(field, message)
 
 

@@ -361,7 +361,7 @@ class SAEModule(pl.LightningModule):
     # ---- checkpoints ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from sae_lightning import __version__
+        from sae_lightning._version import __version__
 
         checkpoint[CHECKPOINT_KEY] = {"version": __version__, "plugins": self.plugin_versions}
 

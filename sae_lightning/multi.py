@@ -162,7 +162,7 @@ class MultiSAEModule(pl.LightningModule):
     # ---- checkpoints and export -----------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from sae_lightning import __version__
+        from sae_lightning._version import __version__
 
         checkpoint[CHECKPOINT_KEY] = {
             "version": __version__,

@@ -33,7 +33,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(str(p), f"is not valid YAML: {err}") from None
+        raise ConfigError(str(p), f"is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -41,6 +41,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             str(p), f"must hold a mapping at the top level, got {type(data).__name__}"
         )
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, with the line and column in the file."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -109,11 +117,21 @@ def load_recipe(
     data: dict[str, Any] = {}
     for path in configs:
         data = deep_merge(data, read_yaml(path))
+    if not data and configs:
+        raise ConfigError(
+            str(configs[-1]),
+            "is empty",
+            "a recipe needs at least `name: <run name>`; start from recipes/quickstart.yaml",
+        )
     for key, text in overrides:
         apply_override(data, key, parse_value(text))
     recipe = validate_model(RecipeConfig, data, "")
-    recipe.trainer = check_trainer_args(recipe.trainer)
+    # The model's plugins and variants first: checking them imports no Lightning, so most bad
+    # recipes are answered in the time it takes to import torch.
+    for role, group in _PLUGIN_ROLES:
+        _check_plugin(group, getattr(recipe.model, role), f"model.{role}")
     variant_models(recipe)  # validate now, so a bad variant fails before any data is built
+    recipe.trainer = check_trainer_args(recipe.trainer)
     return recipe
 
 

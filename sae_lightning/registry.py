@@ -8,8 +8,11 @@ must be qualified as ``<distribution>:<name>``.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -248,6 +251,29 @@ class Registry:
         except ValidationError as err:
             raise config_error_from_validation(err, field, cls.Config) from None
 
+    def summaries(self) -> list[PluginInfo]:
+        """Every plugin with the first line of its docstring, read without importing it.
+
+        Listing must not import Lightning or transformers (seconds each), so the docstring is
+        read from the source with :mod:`ast`. A plugin whose class is not found there (e.g. it
+        is re-exported) is loaded as :meth:`describe` does; ``schema`` is always None.
+        """
+        out: list[PluginInfo] = []
+        for group in GROUPS:
+            for rec in self.entries(group):
+                try:
+                    doc = _static_docstring(rec.target)
+                    if doc is None:
+                        doc = self._load(rec).__doc__ or ""
+                except (PluginLoadError, OSError, SyntaxError) as err:
+                    out.append(
+                        PluginInfo(group, rec.name, rec.dist, rec.version, "", None, str(err))
+                    )
+                    continue
+                summary = (doc.strip().splitlines() or [""])[0]
+                out.append(PluginInfo(group, rec.name, rec.dist, rec.version, summary, None))
+        return out
+
     def describe(self) -> list[PluginInfo]:
         """Load every plugin and describe it; broken ones are listed with their error."""
         out: list[PluginInfo] = []
@@ -272,6 +298,29 @@ class Registry:
                     )
                 )
         return out
+
+
+def _static_docstring(target: str) -> str | None:
+    """The docstring of the class an entry point ``"pkg.mod:Class"`` names, read from source.
+
+    Only the top-level package is located (``find_spec`` imports no module); None when the
+    class is not defined in that file.
+
+    Raises:
+        OSError: the module's file is missing. SyntaxError: it does not parse.
+    """
+    module, _, attr = target.partition(":")
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = Path(next(iter(spec.submodule_search_locations)), *rest)
+    source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    tree = ast.parse(source.read_text(), filename=str(source))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == attr:
+            return ast.get_docstring(node) or ""
+    return None
 
 
 registry = Registry()

@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sae_lightning.callbacks import NonFiniteGuard, ReferenceMetrics
-from sae_lightning.checkpoint_io import AtomicCheckpointIO
+from sae_lightning.callbacks.last_validation import LastValidation
+from sae_lightning.checkpoint_io import AtomicCheckpointIO, check_resume_shapes
 from sae_lightning.config import RecipeConfig, split_spec
 from sae_lightning.data.normalization import fold_input_scale
 from sae_lightning.data.validation import BadBatchError, BatchValidator
@@ -185,13 +186,14 @@ def build_run(
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = registry.build("datamodules", recipe.data, field="data", seed=recipe.seed)
     module = module_factory(recipe, getattr(datamodule, "d_in", None))
-    from sae_lightning.callbacks.dashboard import monitoring_callbacks
+    from sae_lightning.callbacks.monitoring import monitoring_callbacks
 
     callbacks: list[pl.Callback] = [
         checkpoint_callback(recipe),
         LearningRateMonitor(logging_interval="step"),
         ReferenceMetrics(),
         NonFiniteGuard(),
+        LastValidation(),
         *monitoring_callbacks(),
     ]
     trainer_args = model_parallel_arguments({**TRAINER_DEFAULTS, **recipe.trainer})
@@ -296,6 +298,8 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
             "--ckpt_path", f"file {ckpt_path!r} not found", "pass 'last' or a .ckpt path"
         )
     run = build_run(recipe, version=version)
+    if resolved is not None:
+        check_resume_shapes(run.module, resolved)
     preflight(run)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resolved)
     if run.trainer.interrupted:
@@ -304,8 +308,9 @@ def fit(recipe: RecipeConfig, ckpt_path: str | None = None) -> dict[str, float]:
 
 
 def finish(run: Run) -> dict[str, float]:
-    """Validate once more, fill TensorBoard's hparams tab with the recipe and the final metrics,
-    then write ``metrics.json`` and export the SAE into the run folder.
+    """Validate once more (unless fit's last step was validated), fill TensorBoard's hparams
+    tab with the recipe and the final metrics, then write ``metrics.json`` and export the SAE
+    into the run folder.
 
     A multi-SAE run's ``metrics.json`` holds every SAE's metrics (``<name>/val/fvu``...); each
     SAE is exported to ``<run folder>/<name>/`` with its own ``metrics.json``, unprefixed.
@@ -317,13 +322,17 @@ def finish(run: Run) -> dict[str, float]:
         for k, v in run.trainer.callback_metrics.items()
         if k.startswith("train/") or (k.startswith(prefixes) and "/train/" in k)
     }
-    results = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    recorded = next((c for c in run.trainer.callbacks if isinstance(c, LastValidation)), None)
+    results = recorded.at(run.trainer.global_step) if recorded is not None else None
+    if results is None:  # the last step was not validated during fit
+        validated = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+        results = {k: float(v) for k, v in validated[0].items()}
     # A sharded SAE is gathered whole for export: a collective, so every rank takes part.
     exported = {
         name: member.gathered_sae() if hasattr(member, "gathered_sae") else member.sae
         for name, member in saes.items()
     }
-    metrics = {**train_metrics, **{k: float(v) for k, v in results[0].items()}}
+    metrics = {**train_metrics, **results}
     metrics["trainer/global_step"] = float(run.trainer.global_step)
     from sae_lightning.callbacks.dashboard import log_final_hparams
 

@@ -48,8 +48,9 @@ class SparseAutoencoder(nn.Module):
         plugins: the registry to build from (the process-wide one by default).
 
     Attributes:
-        fused: use the sparsity plugin's ``fused_encode`` when it has one and the encoder is
-            linear (True by default); False forces the dense reference path.
+        fused: use the encoder's ``fused_sparsify`` when it returns codes, else the sparsity
+            plugin's ``fused_encode`` when it has one and the encoder is linear (True by
+            default); False forces the dense reference path.
 
     Example::
 
@@ -107,6 +108,10 @@ class SparseAutoencoder(nn.Module):
 
     def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
+        if self.fused and x.shape[0] > 0:  # an encoder's own encode-and-select, if it has one
+            own = self.encoder.fused_sparsify(x, self.sparsity, step=step, decoder=self.decoder)
+            if own is not None:
+                return own, None
         fused_encode = getattr(self.sparsity, "fused_encode", None)
         if self.fused and fused_encode is not None and x.shape[0] > 0:
             affine = _affine_weights(self.encoder)

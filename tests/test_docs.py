@@ -102,3 +102,66 @@ def test_relative_links_resolve(page: Path) -> None:
         if not re.match(r"[a-z]+:|#", target) and not (page.parent / target.split("#")[0]).exists()
     ]
     assert broken == [], f"{page.relative_to(ROOT)} links to missing files: {broken}"
+
+
+RECIPE_CLAIM = re.compile(r"`?(recipes/[\w.\-]+\.ya?ml)`?[^`\n]*:\s*$")
+"""A line naming a shipped recipe and ending in a colon: "`recipes/quickstart.yaml`, annotated:"."""
+
+
+def recipe_claims(text: str) -> list[tuple[str, str]]:
+    """``(recipe path, YAML text)`` of each YAML block right after a line that names a recipe."""
+    claims = []
+    for match in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+        before = [ln for ln in text[: match.start()].splitlines() if ln.strip()]
+        claim = RECIPE_CLAIM.search(before[-1]) if before else None
+        if claim is not None:
+            claims.append((claim.group(1), match.group(1)))
+    return claims
+
+
+def test_recipe_claims_are_found() -> None:
+    text = (
+        "See `recipes/quickstart.yaml`, annotated:\n\n```yaml\nname: q\n```\n\n```yaml\na: 1\n```\n"
+    )
+    assert recipe_claims(text) == [("recipes/quickstart.yaml", "name: q\n")]
+
+
+DOC_PAGES = [*sorted(DOCS.rglob("*.md")), ROOT / "README.md"]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=[str(p.relative_to(ROOT)) for p in DOC_PAGES])
+def test_yaml_shown_as_a_shipped_recipe_is_that_recipe(page: Path) -> None:
+    import yaml
+
+    for recipe, block in recipe_claims(page.read_text()):
+        shipped = ROOT / recipe
+        assert shipped.is_file(), f"{page.name} shows {recipe}, which does not exist"
+        assert yaml.safe_load(block) == yaml.safe_load(shipped.read_text()), (
+            f"{page.name}: the YAML shown as {recipe} differs from the file"
+        )
+
+
+MISSING_FEATURE = re.compile(
+    r"has not landed|not landed yet|not yet (?:wired|implemented|supported|available)"
+    r"|until then|coming soon|will be added|\bTODO\b",
+    re.IGNORECASE,
+)
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=[str(p.relative_to(ROOT)) for p in DOC_PAGES])
+def test_no_page_says_a_feature_is_missing_or_coming(page: Path) -> None:
+    found = [m.group(0) for m in MISSING_FEATURE.finditer(page.read_text())]
+    assert not found, f"{page.name} says {found}: describe what the product does today"
+
+
+def test_no_issue_numbers_in_docs_code_or_tests() -> None:
+    pattern = re.compile(r"issue [0-9]+", re.IGNORECASE)
+    hits = [
+        str(path.relative_to(ROOT))
+        for folder in ("docs", "sae_lightning", "plugins", "tests", "benchmarks")
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in {".md", ".py", ".yaml", ".toml"}
+        and path.name != "test_docs.py"
+        and pattern.search(path.read_text(errors="ignore"))
+    ]
+    assert not hits, f"these refer to issue numbers; say what the code does instead: {hits}"

@@ -157,6 +157,7 @@ def test_compact_equals_dense_masked_float64(
     )
     torch.manual_seed(seed)
     sae = expander_sae(SPARSITIES[sparsity], seed=seed).double()
+    sae.fused = False  # the dense-masked path: the reference of the fused one (test_expander_fused)
     with torch.no_grad():  # move off the all-zero bias init so every gradient is exercised
         sae.encoder.b_enc.normal_(0, 0.1)
         sae.decoder.b_dec.normal_(0, 0.1)
@@ -242,6 +243,8 @@ def test_chunked_kernels_match_one_chunk(monkeypatch: pytest.MonkeyPatch) -> Non
             kernels.sparse_apply_at(entries, w, layout, 50),
             kernels.sparse_sddmm(entries, x, layout),
             kernels.gather_selected(x, w, idx, layout),
+            kernels.codes_decode(h[:, :K], idx, w, layout),
+            kernels.codes_value_grad(idx, h[:, :K], x, layout),
         )
 
     whole = run()

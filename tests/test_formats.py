@@ -16,7 +16,6 @@ from sae_lightning.formats import (
     UnsupportedArchitectureError,
     detect_format,
     export,
-    load_any,
 )
 from sae_lightning.io import load_sae
 from sae_lightning.recipe import load_recipe
@@ -78,7 +77,7 @@ def test_round_trip_keeps_encode_and_decode(tmp_path, fmt, sparsity, decoder, ce
     sae = make_sae(sparsity, decoder, center)
     export(sae, tmp_path, fmt)
     assert detect_format(tmp_path) == fmt
-    loaded = load_any(tmp_path)
+    loaded = load_sae(tmp_path)
     assert not loaded.training
     assert_same(sae, loaded)
     # and the loaded SAE exports again, to the native format, unchanged
@@ -161,7 +160,7 @@ def _saelens_dir(tmp_path: Path, **cfg_changes) -> Path:
 )
 def test_saelens_files_we_cannot_reproduce_are_refused(tmp_path, changes, message):
     with pytest.raises(FormatError, match=message):
-        load_any(_saelens_dir(tmp_path, **changes))
+        load_sae(_saelens_dir(tmp_path, **changes))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +176,7 @@ def test_sparsify_files_we_cannot_reproduce_are_refused(tmp_path, changes, messa
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **changes}))
     with pytest.raises(UnsupportedArchitectureError, match=message):
-        load_any(tmp_path)
+        load_sae(tmp_path)
 
 
 def test_cli_format_choices_are_the_formats():
@@ -190,7 +189,7 @@ def test_cli_format_choices_are_the_formats():
 def test_detect_format_names_what_it_expects_and_where_saes_are(tmp_path):
     export(make_sae("topk"), tmp_path / "layers.3", "sparsify")
     with pytest.raises(FileNotFoundError, match=r"holds no SAE.*subfolders hold one: layers\.3"):
-        load_any(tmp_path)
+        load_sae(tmp_path)
     assert detect_format(tmp_path / "layers.3" / "cfg.json") == "sparsify"
 
 
@@ -221,14 +220,14 @@ def test_cli_exports_a_trained_run(trained_run, tmp_path, capsys, fmt):
     out = tmp_path / fmt
     assert main(["export", str(trained_run), "--format", fmt, "--out", str(out)]) == 0
     assert f"wrote {fmt} SAE" in capsys.readouterr().out
-    assert_same(load_sae(trained_run), load_any(out), d_in=16)
+    assert_same(load_sae(trained_run), load_sae(out), d_in=16)
 
 
 def test_cli_exports_from_a_checkpoint_and_converts_between_formats(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     assert main(["export", str(ckpt), "-f", "saelens", "-o", str(tmp_path / "a")]) == 0
     assert main(["export", str(tmp_path / "a"), "-f", "sparsify", "-o", str(tmp_path / "b")]) == 0
-    assert_same(load_sae(trained_run), load_any(tmp_path / "b"), d_in=16)
+    assert_same(load_sae(trained_run), load_sae(tmp_path / "b"), d_in=16)
 
 
 def test_cli_export_refuses_a_non_empty_folder_and_unknown_sources(trained_run, tmp_path, capsys):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_lightning.formats import detect_format, export_saelens, export_sparsify, load_any
+from sae_lightning.formats import detect_format, export_saelens, export_sparsify
+from sae_lightning.io import load_sae
 from sae_lightning.sae import SparseAutoencoder
 
 DATA = Path(__file__).parent / "test_formats_data"
@@ -69,7 +70,7 @@ def test_peer_saved_files_load_and_match_the_peer_outputs(name: str) -> None:
     folder = DATA / name
     expected = load_file(str(folder / "expected.safetensors"))
     x = expected["x"]
-    sae = load_any(folder)
+    sae = load_sae(folder)
     assert detect_format(folder) == name.split("_")[0]
     assert_matches(sae, x, expected["encode"], expected["recon"])
     reference = saelens_reference if name.startswith("saelens") else sparsify_reference

@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sae_lightning.atomic import atomic_write
 from sae_lightning.errors import SaeLightningError
-from sae_lightning.io import CONFIG_KEY, atomic_write, export_sae, load_sae, write_metrics
+from sae_lightning.io import CONFIG_KEY, export_sae, load_sae, write_metrics
 from sae_lightning.sae import SparseAutoencoder
 
 
@@ -102,14 +103,14 @@ def test_weights_without_embedded_config_fall_back_to_the_json(tmp_path):
 
 
 def test_load_missing_files_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sae\.safetensors not found"):
+    with pytest.raises(FileNotFoundError, match=r"holds no SAE: expected sae\.safetensors"):
         load_sae(tmp_path)
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path) -> None:
     import os
 
-    from sae_lightning.io import atomic_write_text
+    from sae_lightning.atomic import atomic_write_text
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")

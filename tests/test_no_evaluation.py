@@ -1,4 +1,4 @@
-"""Resolution-transfer metrics and concept images for function-space SAEs (issue 10 items 6, 7)."""
+"""Resolution-transfer metrics and concept images for function-space SAEs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The project's FNO, `sae-no-train-fno`, and the hooked-activation DataModule (issue 10 item 5)."""
+"""The project's FNO, `sae-no-train-fno`, and the hooked-activation DataModule."""
 
 from __future__ import annotations
 

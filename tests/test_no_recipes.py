@@ -1,4 +1,4 @@
-"""The neural-operator recipes (issue 10 item 8) parse, validate and train through the runner.
+"""The neural-operator recipes parse, validate and train through the runner.
 
 Each recipe is loaded as `sae-lightning fit --config recipes/X.yaml` loads it, with command-line
 style overrides that shrink it (2 steps, small batches, few validation samples) and send its

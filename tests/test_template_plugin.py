@@ -68,3 +68,79 @@ trainer: {{max_steps: 60, val_check_interval: 30, enable_progress_bar: false}}
     sae = load_sae(run_dir)
     assert type(sae.sparsity).__name__ == "SoftThreshold"
     assert "train/loss/l1" in metrics
+
+
+TEMPLATE_RECIPES = sorted((TEMPLATE / "recipes").glob("*.yaml"))
+
+
+def _train_template_recipe(path: Path, tmp_path: Path, **extra: str) -> Path:
+    from sae_lightning.recipe import load_recipe
+    from sae_lightning.runner import fit
+
+    overrides = {
+        "output_dir": str(tmp_path / "runs"),
+        "data.batch_size": "64",
+        "trainer.max_steps": "6",
+        "trainer.val_check_interval": "6",
+        "trainer.enable_progress_bar": "false",
+        **extra,
+    }
+    recipe = load_recipe([path], list(overrides.items()))
+    metrics = fit(recipe)
+    assert all(v == v and abs(v) != float("inf") for v in metrics.values()), metrics
+    return tmp_path / "runs" / recipe.name / "version_0"
+
+
+@pytest.mark.parametrize("path", TEMPLATE_RECIPES, ids=[p.stem for p in TEMPLATE_RECIPES])
+def test_template_recipes_validate(template_discoverable, path) -> None:
+    from sae_lightning.recipe import load_recipe
+
+    assert load_recipe([path]).name.startswith("template-")
+
+
+def test_template_mlp_encoder_trains_on_the_dense_path(template_discoverable, tmp_path) -> None:
+    import torch
+
+    run = _train_template_recipe(TEMPLATE / "recipes" / "mlp-encoder.yaml", tmp_path)
+    sae = load_sae(run)
+    assert type(sae.encoder).__name__ == "MLPEncoder" and sae.encoder.weight() is None
+    x = torch.randn(5, sae.d_in)
+    expected = sae.encoder.out(torch.relu(sae.encoder.hidden(x)))
+    torch.testing.assert_close(sae.encoder(x), expected)
+
+
+def test_template_scaled_decoder_keeps_unit_directions(template_discoverable, tmp_path) -> None:
+    import torch
+
+    run = _train_template_recipe(TEMPLATE / "recipes" / "scaled-decoder.yaml", tmp_path)
+    decoder = load_sae(run).decoder
+    assert type(decoder).__name__ == "ScaledDecoder"
+    norms = decoder.directions.double().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    gains = decoder.log_gain.exp()
+    assert not torch.allclose(gains, torch.ones_like(gains)), "the gains were trained"
+    torch.testing.assert_close(decoder.atom_norms(), decoder.atoms().norm(dim=1))
+
+
+def test_template_npy_data_reads_the_file(template_discoverable, tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from sae_lightning.registry import registry as reg
+
+    rows = np.random.default_rng(0).standard_normal((1000, 12)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", rows)
+    spec = {"name": "npy_file", "path": str(tmp_path / "acts.npy"), "val_rows": 100}
+    dm = reg.build("datamodules", spec, field="data", seed=3)
+    assert dm.d_in == 12
+    torch.testing.assert_close(dm.validation_data(), torch.from_numpy(rows[900:]))
+    assert torch.equal(dm.rank_batch(4), dm.rank_batch(4))  # batch t is a function of t
+    assert not torch.equal(dm.rank_batch(4), dm.rank_batch(5))
+    batch = dm.rank_batch(0)
+    assert all((torch.from_numpy(rows[:900]) == r).all(dim=1).any() for r in batch[:8])
+    run = _train_template_recipe(
+        TEMPLATE / "recipes" / "npy-data.yaml",
+        tmp_path,
+        **{"data.path": str(tmp_path / "acts.npy"), "data.val_rows": "100"},
+    )
+    assert load_sae(run).d_in == 12

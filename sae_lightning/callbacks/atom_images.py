@@ -8,31 +8,16 @@ split features) collect, dim, on the right.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from sae_lightning.callbacks.dashboard import tensorboard_loggers
+from sae_lightning.callbacks.reference_metrics import ReferenceAtomsData
+from sae_lightning.callbacks.tensorboard import tensorboard_loggers
 
 TAG = "val/atoms_vs_true_cosine"
-
-
-def reference_atoms(datamodule: Any) -> Tensor | None:
-    """The data's ``(n_atoms, d)`` ground-truth dictionary, or None when it has none.
-
-    A data module opts in with a ``reference_atoms()`` method; the synthetic data module's
-    generative model (``datamodule.generative.atoms``) is read as well.
-    """
-    method = getattr(datamodule, "reference_atoms", None)
-    if callable(method):
-        return method()
-    generative = getattr(datamodule, "generative", None)
-    atoms = getattr(generative, "atoms", None)
-    return atoms if isinstance(atoms, Tensor) else None
 
 
 @torch.no_grad()
@@ -71,8 +56,9 @@ def upscale(image: np.ndarray, min_side: int = 256) -> np.ndarray:
 class AtomImages(pl.Callback):
     """At each validation end, log :func:`cosine_image` as ``val/atoms_vs_true_cosine``.
 
-    Runs only with a TensorBoard logger, on rank 0, for data modules with
-    :func:`reference_atoms` (the synthetic data); otherwise it does nothing.
+    Runs only with a TensorBoard logger, on rank 0, for data modules that declare
+    ``reference_atoms()`` (:class:`ReferenceAtomsData`, e.g. the synthetic data); otherwise it
+    does nothing.
     """
 
     @override
@@ -81,7 +67,10 @@ class AtomImages(pl.Callback):
             return
         loggers = tensorboard_loggers(trainer)
         sae = getattr(pl_module, "sae", None)
-        true = reference_atoms(trainer.datamodule) if loggers and sae is not None else None
+        datamodule = trainer.datamodule
+        if not (loggers and sae is not None and isinstance(datamodule, ReferenceAtomsData)):
+            return
+        true = datamodule.reference_atoms()
         if true is None:
             return
         image = upscale(cosine_image(true, sae.atoms()))

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
+
+from sae_lightning.callbacks.tensorboard import tensorboard_loggers
 
 HPARAMS_METRIC_PREFIX = "final/"
 """Prefix of the final metrics in the hparams entry; keeps them out of the training curves."""
@@ -29,8 +30,8 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout: ``{category: {chart title: ["Multiline", [tag regexes]]}}``.
 
     Charts list regular expressions, so loss terms and dead-fraction windows added by plugins
-    or recipes appear without changing the layout. CE-recovered and KL charts stay empty until
-    a data module logs ``val/ce_*`` or ``val/kl_*`` (language-model runs).
+    or recipes appear without changing the layout. The CE-recovered / KL chart shows the
+    ``e2e/*`` tags of the ``e2e_kl`` callback (language-model runs), empty without it.
     """
     return {
         "loss": {
@@ -51,7 +52,7 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
                 "Multiline",
                 _tags("val/mmcs", "val/recovered_frac"),
             ],
-            "CE recovered / KL (language models)": ["Multiline", _tags(r"val/ce_.+", r"val/kl_.+")],
+            "CE recovered / KL (language models)": ["Multiline", _tags(r"e2e/.+")],
         },
         "throughput": {
             "tokens per second": ["Multiline", _tags("throughput/tokens_per_s")],
@@ -62,11 +63,6 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
             "gradient norm": ["Multiline", _tags("train/grad_norm")],
         },
     }
-
-
-def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
-    """The trainer's TensorBoard loggers (none when logging is off)."""
-    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
 class TensorBoardDashboard(pl.Callback):
@@ -101,18 +97,3 @@ def log_final_hparams(
     for logger in tensorboard_loggers(trainer):
         logger.log_hyperparams(dict(params), final, step=trainer.global_step)
         logger.experiment.flush()
-
-
-def monitoring_callbacks() -> list[pl.Callback]:
-    """The dashboard's callbacks, in the order the runner adds them.
-
-    :class:`TensorBoardDashboard`, :class:`~sae_lightning.callbacks.throughput.ThroughputMonitor`,
-    :class:`~sae_lightning.callbacks.grad_norm.GradNormMonitor` and
-    :class:`~sae_lightning.callbacks.atom_images.AtomImages`; each is a no-op where it has
-    nothing to show (no TensorBoard logger, no ground-truth atoms).
-    """
-    from sae_lightning.callbacks.atom_images import AtomImages
-    from sae_lightning.callbacks.grad_norm import GradNormMonitor
-    from sae_lightning.callbacks.throughput import ThroughputMonitor
-
-    return [TensorBoardDashboard(), ThroughputMonitor(), GradNormMonitor(), AtomImages()]

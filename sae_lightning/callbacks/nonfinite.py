@@ -17,6 +17,7 @@ import torch
 from typing_extensions import override
 
 from sae_lightning.errors import NonFiniteError
+from sae_lightning.gather import gather_ranks
 
 _CAUSES = {
     "reconstruction": "inputs with NaN/Inf or huge norms, or a learning rate that is too high",
@@ -62,10 +63,7 @@ class NonFiniteGuard(pl.Callback):
         names = list(terms)
         # (world, n_terms): every rank's terms, so every rank takes the same decision.
         values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
-        if trainer.world_size > 1:
-            values = trainer.strategy.all_gather(values).reshape(trainer.world_size, -1)
-        else:
-            values = values.unsqueeze(0)
+        values = gather_ranks(values)
         params = list(pl_module.named_parameters())
         # One aminmax read per parameter and a single host sync: NaN and Inf reach min or max.
         extremes = torch.stack([torch.stack(torch.aminmax(p.detach())).float() for _, p in params])

@@ -1,9 +1,34 @@
-"""Logs metrics that need the data's ground truth (e.g. dictionary recovery on synthetic data)."""
+"""Logs metrics that need the data's ground truth (e.g. dictionary recovery on synthetic data).
+
+A data module offers ground truth by declaring the methods of :class:`ReferenceMetricsData` or
+:class:`ReferenceAtomsData`; callbacks ask only through these protocols.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import lightning.pytorch as pl
+from torch import Tensor
 from typing_extensions import override
+
+
+@runtime_checkable
+class ReferenceMetricsData(Protocol):
+    """A data module that can score an SAE against its ground truth."""
+
+    def reference_metrics(self, sae: Any) -> dict[str, float]:
+        """``{"mmcs": ..., ...}`` for ``sae`` (logged under ``val/``)."""
+        ...
+
+
+@runtime_checkable
+class ReferenceAtomsData(Protocol):
+    """A data module with a known dictionary (drawn by the ``AtomImages`` callback)."""
+
+    def reference_atoms(self) -> Tensor | None:
+        """The ``(n_atoms, d_in)`` ground-truth dictionary, or None when there is none."""
+        ...
 
 
 class ReferenceMetrics(pl.Callback):
@@ -11,20 +36,20 @@ class ReferenceMetrics(pl.Callback):
 
     A multi-SAE module's members are each logged under ``<name>/val/``.
 
-    Any DataModule can opt in by defining ``reference_metrics(sae) -> dict[str, float]``;
+    Any DataModule can opt in by defining ``reference_metrics(sae) -> dict[str, float]``
+    (:class:`ReferenceMetricsData`);
     the synthetic DataModule reports ``mmcs`` and ``recovered_frac``.
     """
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
-        report = getattr(datamodule, "reference_metrics", None)
-        if report is None or trainer.sanity_checking:
+        if not isinstance(datamodule, ReferenceMetricsData) or trainer.sanity_checking:
             return
         members = pl_module.members() if hasattr(pl_module, "members") else {"": pl_module}
         for name, member in members.items():
             prefix = f"{name}/" if name else ""
-            for key, value in report(member.sae).items():
+            for key, value in datamodule.reference_metrics(member.sae).items():
                 # Equal on every rank (computed from the same weights), so the sync is a no-op
                 # that keeps Lightning from warning about unsynchronised epoch-level metrics.
                 pl_module.log(f"{prefix}val/{key}", float(value), sync_dist=True)

@@ -46,6 +46,7 @@ from typing_extensions import override
 from sae_lightning.components.base import Touched, supports_resampling
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
+from sae_lightning.gather import gather_ranks
 from sae_lightning.module import as_tensor
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class DeadFeatureResampler(pl.Callback):
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor) -> None:
         if trainer.world_size > 1:  # (world, B, d_in) -> (world * B, d_in), global batch order
-            x = pl_module.all_gather(x).reshape(-1, x.shape[-1])
+            x = gather_ranks(x).reshape(-1, x.shape[-1])
         if not trainer.is_global_zero:
             return
         self._chunks.append(x.clone())

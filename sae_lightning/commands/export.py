@@ -1,7 +1,7 @@
 """``sae-lightning export SOURCE --format saelens|sparsify|native --out DIR``.
 
 SOURCE is a run folder (``runs/<name>/version_N``), a Lightning ``.ckpt`` file, or any SAE
-folder :func:`sae_lightning.formats.load_any` reads, so the command also converts between
+folder :func:`sae_lightning.load_sae` reads, so the command also converts between
 SAELens, sparsify and this package's format. After writing, the export is loaded back and its
 encode/decode outputs compared with the source's on random inputs.
 """
@@ -55,8 +55,10 @@ def load_source(source: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     Raises:
         ConfigError: ``source`` does not exist.
     """
-    from sae_lightning.formats import load_any
+    import torch
+
     from sae_lightning.formats.checkpoint import load_checkpoint_sae
+    from sae_lightning.io import load_sae
 
     path = Path(source)
     if not path.exists():
@@ -66,7 +68,7 @@ def load_source(source: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     try:
         if path.is_file() and path.suffix == ".ckpt":
             return load_checkpoint_sae(path)
-        return load_any(path), {}
+        return load_sae(path, dtype=torch.float32), {}  # the peers store float32
     except FileNotFoundError as err:
         raise ConfigError("source", str(err)) from None
 
@@ -90,7 +92,10 @@ def compare(a: torch.nn.Module, b: torch.nn.Module, d_in: int) -> tuple[float, f
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
-    from sae_lightning.formats import export, load_any
+    import torch
+
+    from sae_lightning.formats import export
+    from sae_lightning.io import load_sae
 
     if rest:
         raise ConfigError(rest[0], "unexpected argument for `export`")
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         )
     sae, provenance = load_source(args.source)
     export(sae, out, args.fmt, **provenance)
-    deviation, flipped = compare(sae, load_any(out), int(sae.d_in))
+    deviation, flipped = compare(sae, load_sae(out, dtype=torch.float32), int(sae.d_in))
     if flipped > MAX_FLIPPED_ROWS:
         raise SaeLightningError(
             f"the {args.fmt} export at {out} deviates from the source in {flipped:.0%} of 512 "

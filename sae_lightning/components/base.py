@@ -143,6 +143,26 @@ class Encoder(Plugin, nn.Module):
         """The ``(d_sae, d_in)`` encoder matrix when the encoder is linear, else None."""
         return None
 
+    def fused_sparsify(
+        self, x: Tensor, sparsity: SparsityFn, *, step: int, decoder: Decoder
+    ) -> SparsityOutput | None:
+        """Optional: the codes of ``x`` by ``sparsity`` in one pass of the encoder's own.
+
+        An encoder that can encode and select together without materialising the
+        ``(batch, d_sae)`` pre-activations (the expander plugin) returns the sparsity plugin's
+        output here, computed by the plugin's rule; the SAE then skips ``forward`` and
+        ``sparsity.forward``, and passes ``pre_acts=None`` to ``sparsity.auxiliary_losses``.
+
+        Args:
+            x: ``(batch, d_in)`` inputs, not centred (centre with ``decoder.b_dec`` when
+                :attr:`center_input`); never empty.
+            sparsity, step, decoder: as the SAE would pass them to ``sparsity.forward``.
+
+        Returns:
+            None (the default): not available for this encoder or sparsity function.
+        """
+        return None
+
     def row_norms(self) -> Tensor | None:
         """``(d_sae,)`` the scale of each latent's encoder row; None when there is none.
 

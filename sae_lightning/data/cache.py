@@ -27,6 +27,7 @@ from sae_lightning.data.cache_format import (
     map_tensor,
     read_manifest,
     sha256_file,
+    whole_safetensors,
 )
 from sae_lightning.data.cache_writer import write_cache
 from sae_lightning.data.normalization import NormStats, norm_stats
@@ -181,6 +182,12 @@ def open_cache(path: Path, *, expect: dict[str, Any], verify: bool, field: str) 
             raise CacheCorruptError(
                 f"cache shard {file} listed in {path / MANIFEST} is missing; "
                 f"re-run `{CACHE_COMMAND}` to rewrite it"
+            )
+        if not verify and not whole_safetensors(file):
+            raise CacheCorruptError(
+                f"cache shard {file} is shorter than its header says (a truncated copy?); "
+                f"delete it and re-run `{CACHE_COMMAND}`, or set {field.rsplit('.', 1)[0]}"
+                ".verify_checksums: true to check every shard"
             )
         if verify and sha256_file(file) != shard["sha256"]:
             raise CacheCorruptError(

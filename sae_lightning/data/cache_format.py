@@ -83,6 +83,16 @@ def header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(fh.read(size)), 8 + size
 
 
+def whole_safetensors(path: Path) -> bool:
+    """Whether ``path`` is as long as its safetensors header says (a cheap truncation check)."""
+    try:
+        header_, start = header(path)
+    except (struct.error, ValueError):
+        return False
+    ends = [info["data_offsets"][1] for key, info in header_.items() if key != "__metadata__"]
+    return path.stat().st_size >= start + max(ends, default=0)
+
+
 def map_tensor(path: Path, name: str) -> Tensor:
     """Tensor ``name`` of a safetensors file, memory-mapped (pages load on first touch)."""
     header_, start = header(path)

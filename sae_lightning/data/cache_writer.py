@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from sae_lightning.atomic import atomic_write, atomic_write_text
 from sae_lightning.data.cache_format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -34,7 +35,6 @@ from sae_lightning.data.cache_format import (
 from sae_lightning.data.normalization import norm_stats
 from sae_lightning.data.progress import HarvestProgress
 from sae_lightning.errors import ConfigError
-from sae_lightning.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -283,7 +283,7 @@ def _harvest(harvester: Harvester, contexts: Contexts, index: Tensor, progress: 
 def _manifest(
     dm: CacheSource, out: Path, fingerprint: str, shards: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    from sae_lightning import __version__
+    from sae_lightning._version import __version__
 
     assert dm.corpus is not None
     c, corpus = dm.config, dm.corpus

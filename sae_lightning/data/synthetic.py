@@ -189,6 +189,10 @@ class SyntheticDataModule(IndexedDataModule):
         assert self._val is not None, "call setup() first"
         return self._val
 
+    def reference_atoms(self) -> Tensor:
+        """The true ``(n_atoms, d)`` dictionary (drawn by the ``AtomImages`` callback)."""
+        return self.generative.atoms
+
     def reference_metrics(self, sae: torch.nn.Module) -> dict[str, float]:
         """Recovery of the true dictionary by ``sae.atoms()`` (MMCS, fraction at cos >= 0.9)."""
         return dictionary_recovery(self.generative.atoms, sae.atoms())

@@ -1,9 +1,10 @@
 """Reading and writing the SAE formats of SAELens and EleutherAI sparsify.
 
-    from sae_lightning.formats import export_saelens, export_sparsify, load_any
+    from sae_lightning import load_sae
+    from sae_lightning.formats import export_saelens, export_sparsify
     export_saelens(sae, "out/saelens")        # cfg.json + sae_weights.safetensors
     export_sparsify(sae, "out/sparsify")      # cfg.json + sae.safetensors (TopK only)
-    same = load_any("out/saelens")            # any of the three formats
+    same = load_sae("out/saelens")            # any of the three formats
 
 What each format can hold, and what is refused, is in docs/export.md.
 """
@@ -22,7 +23,8 @@ from sae_lightning.formats.common import (
     UnsupportedArchitectureError,
     affine_parts,
 )
-from sae_lightning.formats.detect import FORMATS, Format, detect_format, load_any
+from sae_lightning.formats.detect import FORMATS, Format, detect_format
+from sae_lightning.formats.native import export_sae
 from sae_lightning.formats.saelens import export_saelens, load_saelens
 from sae_lightning.formats.sparsify import export_sparsify, load_sparsify
 
@@ -37,7 +39,6 @@ __all__ = [
     "export",
     "export_saelens",
     "export_sparsify",
-    "load_any",
     "load_saelens",
     "load_sparsify",
 ]
@@ -64,7 +65,5 @@ def export(
     if fmt == "sparsify":
         return export_sparsify(sae, directory)
     if fmt == "native":
-        from sae_lightning.io import export_sae
-
         return export_sae(sae, directory, **provenance)
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -205,12 +205,15 @@ def sparsity_of(sae: torch.nn.Module, target: str) -> tuple[Activation, int | No
 
 
 @torch.no_grad()
-def build_sae(parts: AffineSAE, *, where: str) -> torch.nn.Module:
+def build_sae(
+    parts: AffineSAE, *, where: str, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """A :class:`~sae_lightning.sae.SparseAutoencoder` computing exactly what ``parts`` describe.
 
     Args:
         parts: the tensors and activation, read from a peer format.
         where: the file they came from, for error messages.
+        dtype: the SAE's dtype (the file's, so a bf16 SAE selects the latents its library does).
     """
     from sae_lightning.sae import SparseAutoencoder
 
@@ -238,8 +241,10 @@ def build_sae(parts: AffineSAE, *, where: str) -> torch.nn.Module:
         assert parts.threshold is not None
         # JumpReLU keeps log(theta); a zero threshold (plain ReLU gate) becomes log 0 = -inf.
         state["sparsity.log_threshold"] = parts.threshold.clamp_min(0).log()
-    sae.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True)
-    return sae.eval()
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    sae.to(work)
+    sae.load_state_dict({k: v.to(work).contiguous() for k, v in state.items()}, strict=True)
+    return sae.to(dtype).eval()
 
 
 def check_shapes(where: str, tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]):
@@ -256,9 +261,29 @@ def check_shapes(where: str, tensors: dict[str, Tensor], expected: dict[str, tup
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, as float32 on the CPU."""
+    """Every tensor of a safetensors file on the CPU: float64 kept, other floats as float32."""
     with safe_open(str(path), framework="pt") as fh:
-        return {name: fh.get_tensor(name).float() for name in fh.keys()}  # noqa: SIM118
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+    return {k: v if v.dtype == torch.float64 else v.float() for k, v in tensors.items()}
+
+
+def weights_dtype(path: Path) -> torch.dtype:
+    """The dtype of the first floating tensor in a safetensors file (float32 when none)."""
+    with safe_open(str(path), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118
+            dtype = fh.get_slice(name).get_dtype()
+            found = _SAFETENSORS_DTYPES.get(dtype)
+            if found is not None:
+                return found
+    return torch.float32
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
 
 
 def read_sae_directory(

@@ -1,4 +1,4 @@
-"""Which format a directory holds, and loading any of them through one call.
+"""Which format a directory holds (``sae_lightning.load_sae`` dispatches on it).
 
 The three layouts share file names, so detection looks at all of them:
 
@@ -15,12 +15,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import torch
-from safetensors import safe_open
-
-from sae_lightning.io import CONFIG_FILE as NATIVE_CONFIG
-from sae_lightning.io import CONFIG_KEY
-from sae_lightning.io import WEIGHTS_FILE as NATIVE_WEIGHTS
+from sae_lightning.formats.native import CONFIG_FILE as NATIVE_CONFIG
+from sae_lightning.formats.native import WEIGHTS_FILE as NATIVE_WEIGHTS
+from sae_lightning.formats.native import embeds_config
 
 Format = Literal["native", "saelens", "sparsify"]
 FORMATS: tuple[Format, ...] = ("native", "saelens", "sparsify")
@@ -28,15 +25,8 @@ FORMATS: tuple[Format, ...] = ("native", "saelens", "sparsify")
 _MARKERS = ("cfg.json", "sae_weights.safetensors", NATIVE_WEIGHTS, NATIVE_CONFIG)
 
 
-def _embeds_config(weights: Path) -> bool:
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return CONFIG_KEY in (fh.metadata() or {})
-    except Exception:  # not a readable safetensors file: let the loader explain
-        return False
-
-
-def _directory(path: str | os.PathLike[str]) -> Path:
+def directory_of(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it is a directory, else the directory holding it."""
     base = Path(path)
     return base.parent if base.is_file() else base
 
@@ -48,9 +38,9 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
         FileNotFoundError: ``path`` holds no SAE in any known format; the message lists
             subfolders that do (e.g. one folder per hookpoint in a sparsify run).
     """
-    base = _directory(path)
+    base = directory_of(path)
     has = {name: (base / name).is_file() for name in _MARKERS}
-    if has[NATIVE_CONFIG] or (has[NATIVE_WEIGHTS] and _embeds_config(base / NATIVE_WEIGHTS)):
+    if has[NATIVE_CONFIG] or (has[NATIVE_WEIGHTS] and embeds_config(base / NATIVE_WEIGHTS)):
         return "native"
     if has["cfg.json"] and has["sae_weights.safetensors"]:
         return "saelens"
@@ -69,32 +59,3 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
         f"cfg.json + sae_weights.safetensors (SAELens) or cfg.json + sae.safetensors "
         f"(sparsify){hint}"
     )
-
-
-def load_any(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load an SAE saved by sae-lightning, SAELens or sparsify.
-
-    Every format comes back as a :class:`~sae_lightning.sae.SparseAutoencoder` in eval mode,
-    with ``encode``, ``decode`` and ``forward`` computing what the original library computes.
-
-    Args:
-        path: the SAE's directory, or a file in it.
-        device: where to put the weights.
-
-    Raises:
-        FileNotFoundError: no SAE in any known format is there.
-        sae_lightning.formats.FormatError: the files are inconsistent or hold an architecture
-            that has no equivalent here (the message names it).
-    """
-    fmt = detect_format(path)
-    if fmt == "saelens":
-        from sae_lightning.formats.saelens import load_saelens
-
-        return load_saelens(path, device)
-    if fmt == "sparsify":
-        from sae_lightning.formats.sparsify import load_sparsify
-
-        return load_sparsify(path, device)
-    from sae_lightning.io import load_sae
-
-    return load_sae(_directory(path), device)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.formats.common import (
     AffineSAE,
     FormatError,
@@ -28,8 +29,8 @@ from sae_lightning.formats.common import (
     build_sae,
     check_shapes,
     read_sae_directory,
+    weights_dtype,
 )
-from sae_lightning.io import atomic_path, atomic_write_text
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -89,7 +90,7 @@ def export_saelens(
 
 
 def _provenance(sae: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
-    from sae_lightning import __version__
+    from sae_lightning._version import __version__
 
     info: dict[str, Any] = {"version": __version__}
     if callable(getattr(sae, "config_dict", None)):
@@ -98,7 +99,11 @@ def _provenance(sae: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def load_saelens(path: str | os.PathLike[str], device: str | torch.device = "cpu"):
+def load_saelens(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """Load an SAELens SAE directory as a :class:`~sae_lightning.sae.SparseAutoencoder`.
 
     Reads the ``standard``, ``topk`` and ``jumprelu`` architectures, with or without
@@ -109,6 +114,7 @@ def load_saelens(path: str | os.PathLike[str], device: str | torch.device = "cpu
     Args:
         path: the directory, or its ``cfg.json`` or weights file.
         device: where to put the weights.
+        dtype: the weights' dtype; None keeps the file's.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -119,7 +125,8 @@ def load_saelens(path: str | os.PathLike[str], device: str | torch.device = "cpu
         path, CONFIG_FILE, WEIGHTS_FILE, "an SAELens SAE directory"
     )
     parts = saelens_parts(config, tensors, where=str(base))
-    return build_sae(parts, where=str(cfg_path)).to(device)
+    dtype = dtype or weights_dtype(base / WEIGHTS_FILE)
+    return build_sae(parts, where=str(cfg_path), dtype=dtype).to(device)
 
 
 def _architecture(config: dict[str, Any]) -> str:

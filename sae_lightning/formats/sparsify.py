@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.formats.common import (
     AffineSAE,
     FormatError,
@@ -28,8 +29,8 @@ from sae_lightning.formats.common import (
     build_sae,
     check_shapes,
     read_sae_directory,
+    weights_dtype,
 )
-from sae_lightning.io import atomic_path, atomic_write_text
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -77,13 +78,18 @@ def export_sparsify(sae: torch.nn.Module, directory: str | os.PathLike[str]) -> 
     return out
 
 
-def load_sparsify(path: str | os.PathLike[str], device: str | torch.device = "cpu"):
+def load_sparsify(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """Load a sparsify ``SparseCoder`` directory as a :class:`~sae_lightning.sae.SparseAutoencoder`.
 
     Args:
         path: the hookpoint directory (holding ``cfg.json`` and ``sae.safetensors``), or a file
             in it.
         device: where to put the weights.
+        dtype: the weights' dtype; None keeps the file's.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -98,7 +104,8 @@ def load_sparsify(path: str | os.PathLike[str], device: str | torch.device = "cp
         "a sparsify SAE directory (pass the hookpoint folder, e.g. layers.6)",
     )
     parts = sparsify_parts(config, tensors, where=str(base))
-    return build_sae(parts, where=str(cfg_path)).to(device)
+    dtype = dtype or weights_dtype(base / WEIGHTS_FILE)
+    return build_sae(parts, where=str(cfg_path), dtype=dtype).to(device)
 
 
 def sparsify_parts(

@@ -209,7 +209,7 @@ def render_report(runs: Sequence[RunData], base: Path | None = None) -> str:
 
 def write_report(runs: Sequence[RunData], out: str | os.PathLike[str]) -> Path:
     """Write :func:`render_report` to ``out`` atomically and return its path."""
-    from sae_lightning.io import atomic_write_text
+    from sae_lightning.atomic import atomic_write_text
 
     path = Path(out)
     atomic_write_text(path, render_report(runs, path.resolve().parent))

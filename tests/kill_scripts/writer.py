@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from sae_lightning.atomic import atomic_write
 from sae_lightning.checkpoint_io import AtomicCheckpointIO
-from sae_lightning.io import atomic_write, export_sae
+from sae_lightning.io import export_sae
 from sae_lightning.sae import SparseAutoencoder
 
 

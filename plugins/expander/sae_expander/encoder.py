@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from sae_expander.kernels import MaskLayout, masked_encode, selected_pre_activations
 from sae_expander.mask import check_mask_shape, sample_mask
-from sae_lightning.components.base import Encoder
+from sae_lightning.components.base import Decoder, Encoder, SparsityFn, SparsityOutput
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import SaeLightningError
 
@@ -120,6 +120,15 @@ class ExpanderEncoder(Encoder):
         state = self.__dict__.copy()
         state["_last"] = (_dead_ref, _dead_ref)  # weak references cannot be pickled
         return state
+
+    def fused_sparsify(
+        self, x: Tensor, sparsity: SparsityFn, *, step: int, decoder: Decoder
+    ) -> SparsityOutput | None:
+        """Codes by ``signed_topk``, ``topk`` or ``batchtopk`` without the ``(batch, d_sae)``
+        pre-activations (:mod:`sae_expander.sparsify`); None for other sparsity functions."""
+        from sae_expander.sparsify import fused_sparsify
+
+        return fused_sparsify(self, x, sparsity, decoder)
 
     def weight(self) -> Tensor | None:
         """None: the encoder is sparse; :meth:`dense_weight` builds the matrix when needed."""

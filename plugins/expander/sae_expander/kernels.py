@@ -192,16 +192,58 @@ def sparse_sddmm(e: SparseEntries, x: Tensor, layout: MaskLayout) -> Tensor:
     return out
 
 
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` for ``t`` ``(n, d)`` and ``idx`` ``(rows, K)``: ``(rows, K, d)``, by
+    ``index_select`` (whole ``d``-wide rows copied, much faster than advanced indexing)."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, t.shape[1])
+
+
+def _code_step(width: int, d: int) -> int:
+    """Rows per chunk so that ``(rows, width, d)`` temporaries hold about ``_NNZ_ELEMENTS``."""
+    return max(1, _NNZ_ELEMENTS // max(width * d, 1))
+
+
 def gather_selected(x: Tensor, w: Tensor, indices: Tensor, layout: MaskLayout) -> Tensor:
     """``(batch, k)``: ``(x @ Aᵀ).gather(1, indices)`` in ``O(batch * k * d)``, no autograd."""
     batch, k = indices.shape
+    d = layout.rows.shape[1]
     out = x.new_empty(batch, k)
-    step = max(1, _NNZ_ELEMENTS // max(k * layout.rows.shape[1], 1))
+    step = _code_step(k, d)
     for s in range(0, batch, step):
         idx = indices[s : s + step]  # (chunk, k)
-        rows = layout.rows[idx]  # (chunk, k, d)
+        rows = _take(layout.rows, idx)  # (chunk, k, d)
         gathered = x[s : s + step].gather(1, rows.flatten(1)).view(rows.shape)
-        out[s : s + step] = (gathered * w[idx]).sum(dim=-1)
+        out[s : s + step] = (gathered * _take(w, idx)).sum(dim=-1)
+    return out
+
+
+def codes_decode(values: Tensor, indices: Tensor, w: Tensor, layout: MaskLayout) -> Tensor:
+    """``(batch, d_in)``: ``sum_t values[b, t] * A[indices[b, t]]``, a per-row scatter of
+    ``k * d`` products, ``O(batch * k * d)``, no autograd."""
+    batch, k = indices.shape
+    d = layout.rows.shape[1]
+    out = w.new_zeros(batch, layout.d_in)
+    step = _code_step(k, d)
+    for s in range(0, batch, step):
+        idx = indices[s : s + step]
+        products = values[s : s + step].unsqueeze(2).to(w.dtype) * _take(w, idx)
+        out[s : s + step].scatter_add_(1, _take(layout.rows, idx).flatten(1), products.flatten(1))
+    return out
+
+
+def codes_value_grad(indices: Tensor, g: Tensor, x: Tensor, layout: MaskLayout) -> Tensor:
+    """``(d_sae, d)``: ``out[j, s] = sum over (b, t) with indices[b, t] == j of
+    g[b, t] * x[b, rows[j, s]]``, the value gradient of sparse codes, ``O(batch * k * d)``."""
+    batch, k = indices.shape
+    d = layout.rows.shape[1]
+    out = x.new_zeros(layout.rows.shape)
+    step = _code_step(k, d)
+    for s in range(0, batch, step):
+        idx = indices[s : s + step]
+        rows = _take(layout.rows, idx)  # (chunk, k, d)
+        gathered = x[s : s + step].gather(1, rows.flatten(1)).view(rows.shape)
+        products = g[s : s + step].unsqueeze(2).to(x.dtype) * gathered
+        out.index_add_(0, idx.reshape(-1), products.view(-1, d))
     return out
 
 
@@ -284,14 +326,29 @@ class _SelectedPreActivations(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w, indices = ctx.saved_tensors
-        layout: MaskLayout = ctx.layout
-        e = entries_of(indices, grad.contiguous())
-        gx = sparse_apply_at(e, w, layout, x.shape[0]) if ctx.needs_input_grad[0] else None
-        gw = sparse_sddmm(e, x, layout) if ctx.needs_input_grad[1] else None
-        gb = None
-        if ctx.needs_input_grad[2]:
-            gb = grad.new_zeros(layout.d_sae).index_add_(0, e.latent, e.value)
-        return gx, gw, gb, None, None
+        grads = selected_backward(ctx.needs_input_grad[:3], x, w, indices, grad, ctx.layout)
+        return (*grads, None, None)
+
+
+def selected_backward(
+    needs: tuple[bool, ...], x: Tensor, w: Tensor, indices: Tensor, grad: Tensor, layout: MaskLayout
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``x``, ``w`` and ``bias`` for ``(x @ Aᵀ + bias).gather(1, indices)``.
+
+    Args:
+        needs: which of the three are wanted.
+        grad: ``(batch, k)`` gradient of the selected values.
+
+    Returns:
+        ``(grad_x, grad_w, grad_bias)``, each None where not wanted; ``O(batch * k * d)``.
+    """
+    grad = grad.contiguous()
+    gx = codes_decode(grad, indices, w, layout) if needs[0] else None
+    gw = codes_value_grad(indices, grad, x, layout) if needs[1] else None
+    gb = None
+    if needs[2]:
+        gb = grad.new_zeros(layout.d_sae).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+    return gx, gw, gb
 
 
 class _MaskedDecodeSparse(torch.autograd.Function):
@@ -301,7 +358,7 @@ class _MaskedDecodeSparse(torch.autograd.Function):
     def forward(ctx: Any, values: Tensor, indices: Tensor, w: Tensor, layout: MaskLayout) -> Tensor:
         ctx.save_for_backward(values, indices, w)
         ctx.layout = layout
-        return sparse_apply_at(entries_of(indices, values), w, layout, values.shape[0])
+        return codes_decode(values, indices, w, layout)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -311,7 +368,7 @@ class _MaskedDecodeSparse(torch.autograd.Function):
         gv = gather_selected(grad, w, indices, layout) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[2]:
-            gw = sparse_sddmm(entries_of(indices, values), grad, layout)
+            gw = codes_value_grad(indices, values, grad, layout)
         return gv, None, gw, None
 
 

@@ -3,21 +3,40 @@
 The core ``topk`` applies ReLU to the selected values; the paper's code does not, so a selected
 negative pre-activation stays negative (the paper notes trained models almost never select one).
 
-With the ``expander`` decoder the selected values are recomputed from the encoder's input in
-``O(batch * k * d)`` (``decoder.gather_pre_activations``), so no gradient ever flows into the
-dense ``(batch, d_sae)`` pre-activations and the backward pass costs ``O(batch * k * d)``; with
-any other decoder they are gathered from the pre-activations as usual.
+With the ``expander`` encoder the SAE takes the encoder's fused path (:mod:`sae_expander.sparsify`):
+the pre-activations are encoded and selected block by block and never exist for the whole batch,
+and AuxK reads the dead latents through the :class:`~sae_expander.sparsify.AuxSource` that path
+leaves here. On the dense path (``sae.fused = False``, the reference) with the ``expander``
+decoder, the selected values are recomputed from the encoder's input in ``O(batch * k * d)``
+(``decoder.gather_pre_activations``), so no gradient flows into the dense pre-activations either;
+with any other decoder they are gathered from the pre-activations as usual.
+
+Selection uses the core's ``topk_select``, a deterministic function of each row, so the dense and
+the fused path pick the same latents, ties included.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import Codes, Decoder, SparsityFn, SparsityOutput
+from sae_lightning.components.base import (
+    Codes,
+    Decoder,
+    SparsityFn,
+    SparsityOutput,
+    total_variance_share,
+)
 from sae_lightning.components.sparsity.auxk import AuxKConfig
 from sae_lightning.errors import ConfigError
+from sae_lightning.kernels.topk_encoder import topk_select
+
+AuxSource = Callable[[Tensor, int], tuple[Tensor, Tensor]]
+"""``(dead, k_aux) -> (values, indices)``: each row's top ``min(k_aux, n_dead)`` pre-activations
+among the dead latents of the last fused forward, with gradients, and their global ids."""
 
 
 class SignedTopKConfig(AuxKConfig):
@@ -34,21 +53,15 @@ def selected(pre_acts: Tensor, indices: Tensor, decoder: Decoder) -> Tensor:
     return pre_acts.gather(1, indices)
 
 
-_AUX_CHUNK_ELEMENTS = 1 << 22
-"""AuxK masks the pre-activations in row chunks of about this many elements, so its memory does
-not grow with the batch."""
-
-
 def _dead_topk(pre: Tensor, dead: Tensor, k: int) -> Tensor:
-    """``(batch, k)`` ids of the ``k`` largest pre-activations among dead latents, per row."""
-    step = max(1, _AUX_CHUNK_ELEMENTS // max(pre.shape[1], 1))
-    alive = ~dead
-    return torch.cat(
-        [
-            pre[s : s + step].masked_fill(alive, -torch.inf).topk(k, dim=1, sorted=False).indices
-            for s in range(0, pre.shape[0], step)
-        ]
-    )
+    """``(batch, min(k, n_dead))`` ids of the largest pre-activations among dead latents.
+
+    ``topk_select`` over the dead latents' columns, in latent order: the selection the fused
+    path's :class:`~sae_expander.sparsify.AuxSource` makes, ties included.
+    """
+    ids = dead.nonzero().squeeze(1)  # (n_dead,)
+    local = topk_select(pre.index_select(1, ids), min(k, ids.numel()))[1]
+    return ids[local]
 
 
 class SignedTopK(SparsityFn):
@@ -66,29 +79,47 @@ class SignedTopK(SparsityFn):
                 "choose k <= d_sae, or enlarge the dictionary with model.d_sae",
             )
         self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
+        self._aux_source: AuxSource | None = None
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
-        indices = pre_acts.detach().topk(self.config.k, dim=1, sorted=False).indices  # (batch, k)
+        indices = topk_select(pre_acts.detach(), self.config.k)[1]  # (batch, k)
         return SparsityOutput(Codes(selected(pre_acts, indices, decoder), indices, self.d_sae), {})
 
+    def keep_aux_source(self, source: AuxSource | None) -> None:
+        """Called by a fused forward: how :meth:`auxiliary_losses` reaches the dead latents."""
+        self._aux_source = source
+
     def auxiliary_losses(
-        self, pre_acts: Tensor, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
     ) -> dict[str, Tensor]:
         """AuxK exactly as the core's ``auxk_loss``, with the selected values gathered cheaply.
 
-        With no dead latent the term is zero and the ``(batch, d_sae)`` selection is skipped;
+        ``pre_acts`` is None after a fused forward; the dead latents are then encoded from the
+        source that forward kept. With no dead latent the term is zero and no selection runs;
         checking costs one host sync on accelerators (nothing on CPU).
+
+        Raises:
+            ValueError: ``pre_acts`` is None and no fused forward with gradients ran before.
         """
+        source, self._aux_source = self._aux_source, None
         if self.config.aux_coefficient == 0:
             return {}
         if not bool(dead.any()):
-            return {"auxk": pre_acts.new_zeros(())}
+            return {"auxk": residual.new_zeros(())}
         k_aux = min(self.k_aux, self.d_sae)
-        indices = _dead_topk(pre_acts.detach(), dead, k_aux)  # (batch, k_aux)
-        real = dead[indices]  # False where a row had fewer than k_aux dead latents
-        values = torch.where(real, selected(pre_acts, indices, decoder), 0.0)
+        if pre_acts is not None:
+            indices = _dead_topk(pre_acts.detach(), dead, k_aux)  # (batch, min(k_aux, n_dead))
+            values = selected(pre_acts, indices, decoder)
+        elif source is not None:
+            values, indices = source(dead, k_aux)  # (batch, min(k_aux, n_dead))
+        else:
+            raise ValueError(
+                "SignedTopK.auxiliary_losses got pre_acts=None but no fused forward with "
+                "gradients ran before it; pass the (batch, d_sae) pre-activations, or call it "
+                "right after SparseAutoencoder.run in the same training step"
+            )
         e_hat = decoder.decode_without_bias(Codes(values, indices, self.d_sae))
-        scale = (dead.sum().to(pre_acts.dtype) / k_aux).clamp(max=1.0)
-        total_variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        scale = (dead.sum().to(residual.dtype) / k_aux).clamp(max=1.0)
+        total_variance = total_variance_share(x).clamp_min(1e-12)
         aux = scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
         return {"auxk": self.config.aux_coefficient * aux}

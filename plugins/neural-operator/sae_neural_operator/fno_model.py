@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae_lightning.io import atomic_path, atomic_write_text
+from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_neural_operator.spectral import SpectralConv
 
 WEIGHTS_FILE = "fno.safetensors"

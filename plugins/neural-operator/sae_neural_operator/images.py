@@ -29,8 +29,8 @@ from pydantic import Field
 from torch import Tensor
 from typing_extensions import override
 
-from sae_lightning.callbacks.dashboard import tensorboard_loggers
 from sae_lightning.callbacks.schedule import EveryNValidations, ScheduledCallback
+from sae_lightning.callbacks.tensorboard import tensorboard_loggers
 from sae_lightning.config import PluginConfig
 from sae_lightning.module import as_tensor
 from sae_neural_operator.recovery import best_shift, functional_mmcs

@@ -20,7 +20,7 @@ signs ``-(M_a-1)..(M_a-1)`` on the other axes: ``weight`` has shape
 so every core tool that reads parameters, e.g. ``torch.aminmax``, works). A grid axis with fewer
 than ``2 M_a`` points is refused: on ``2 M_a - 2`` points the highest kept frequency ``M_a - 1``
 is the Nyquist frequency, whose sine part the grid cannot represent (it aliases); ``2 M_a`` keeps
-a margin of one frequency and is the rule of issue 10.
+a margin of one frequency.
 
 Full modes (``SpectralConv.full(C_in, C_out, grid)``): one complex weight on every DFT bin of one
 fixed ``grid`` (all of ``0..N_a-1`` on the leading axes, ``0..N_d // 2`` on the last). The layer

@@ -13,7 +13,7 @@ manifest holds the same identity and every file is present with its sha256 (chec
 ``verify``); otherwise the data is generated again, with a message naming the parameters that
 changed, and the folder is rewritten. Writing follows :mod:`sae_lightning.data.cache`: the old
 manifest is removed first, every file is written to a temporary name and renamed
-(:func:`sae_lightning.io.atomic_write`), and the manifest comes last, so a killed run never
+(:func:`sae_lightning.atomic.atomic_write`), and the manifest comes last, so a killed run never
 leaves a manifest describing files it did not finish.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from sae_lightning.atomic import atomic_write, atomic_write_text
 from sae_lightning.data.cache import sha256_file
-from sae_lightning.io import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -95,6 +95,11 @@ class PDEFieldConfig(PluginConfig):
     val_path: str | None = Field(
         None, description="file: a validation file (default: the last val_samples of path)"
     )
+    val_paths: dict[int, str] = Field(
+        default_factory=dict,
+        description="file: one validation file per resolution, {resolution: path}; a "
+        "resolution without one is subsampled from val_path (or path)",
+    )
     input_key: str = Field("x", description="file: key of the input field")
     solution_key: str = Field("y", description="file: key of the solution field")
     dims: Literal[1, 2] | None = Field(
@@ -113,9 +118,15 @@ class PDEFieldConfig(PluginConfig):
         if self.equation == "file":
             if self.path is None:
                 raise ValueError("equation: file needs path (a .pt or .h5 dataset)")
+            extra = sorted(set(self.val_paths) - set(self.resolutions))
+            if extra:
+                raise ValueError(
+                    f"val_paths has files for resolutions {extra} that are neither resolution "
+                    f"nor in eval_resolutions {self.eval_resolutions}; add them there"
+                )
             return self
-        if self.path is not None or self.val_path is not None:
-            raise ValueError(f"path/val_path are for equation: file, not {self.equation}")
+        if self.path is not None or self.val_path is not None or self.val_paths:
+            raise ValueError(f"path/val_path/val_paths are for equation: file, not {self.equation}")
         solve = self.solve_at
         for n in self.resolutions:
             if solve % n:
@@ -211,6 +222,33 @@ def generate_split(
                     "lower dt or check the parameters",
                 )
     return out
+
+
+def _file_resolution(fields: dict[str, Tensor], r: int, path: str, field: str) -> dict[str, Tensor]:
+    """Subsample the file's grid ``N`` to ``r`` points per axis: stride ``N / r`` (periodic
+    grids) or ``(N - 1) / (r - 1)`` (grids with both end points, e.g. 421 -> 85).
+
+    Raises:
+        ConfigError: naming ``field``, the recipe entry that asked for ``r``.
+    """
+    n = next(iter(fields.values())).shape[2]
+    if n < r:
+        raise ConfigError(
+            field,
+            f"asks for {r} points per axis, but {path} holds only {n}",
+            f"give a file with at least {r} points per axis, or use a resolution <= {n}",
+        )
+    if n % r == 0:
+        stride = n // r
+    elif r > 1 and (n - 1) % (r - 1) == 0:
+        stride = (n - 1) // (r - 1)
+    else:
+        raise ConfigError(
+            field,
+            f"{r} points per axis cannot be subsampled from the {n} of {path}",
+            f"use a resolution dividing {n} (or {n - 1} plus one)",
+        )
+    return {k: _subsample(v, stride).float() for k, v in fields.items()}
 
 
 class PDEFieldDataModule(IndexedDataModule):
@@ -334,30 +372,20 @@ class PDEFieldDataModule(IndexedDataModule):
                     )
                 val = {k: v[n - c.val_samples :] for k, v in train.items()}
                 train = {k: v[: n - c.val_samples] for k, v in train.items()}
+            train_field = "data.resolution"
             self._file = {
-                "train": {c.resolution: self._file_resolution(train, c.resolution, c.path)},
-                "val": {
-                    r: self._file_resolution(val, r, c.val_path or c.path) for r in c.resolutions
-                },
+                "train": {c.resolution: _file_resolution(train, c.resolution, c.path, train_field)},
+                "val": {},
             }
+            for r in c.resolutions:
+                field = "data.resolution" if r == c.resolution else "data.eval_resolutions"
+                if r in c.val_paths:
+                    own = load_fields(c.val_paths[r], keys, **kwargs)
+                    fields = _file_resolution(own, r, c.val_paths[r], f"data.val_paths.{r}")
+                else:
+                    fields = _file_resolution(val, r, c.val_path or c.path, field)
+                self._file["val"][r] = fields
         return self._file
-
-    @staticmethod
-    def _file_resolution(fields: dict[str, Tensor], r: int, path: str) -> dict[str, Tensor]:
-        """Subsample the file's grid ``N`` to ``r`` points per axis: stride ``N / r`` (periodic
-        grids) or ``(N - 1) / (r - 1)`` (grids with both end points, e.g. 421 -> 85)."""
-        n = next(iter(fields.values())).shape[2]
-        if n % r == 0:
-            stride = n // r
-        elif r > 1 and (n - 1) % (r - 1) == 0:
-            stride = (n - 1) // (r - 1)
-        else:
-            raise ConfigError(
-                "data.resolution",
-                f"{r} points per axis cannot be subsampled from the {n} of {path}",
-                f"use a resolution dividing {n} (or {n - 1} plus one)",
-            )
-        return {k: _subsample(v, stride).float() for k, v in fields.items()}
 
     def _load(self) -> tuple[Tensor, dict[int, Tensor]]:
         """``(train (n, C, *grid), {resolution: val})`` unnormalised, fields selected."""
