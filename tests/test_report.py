@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from headless import CHROMIUM, chromium_command
 from PIL import Image
 
 from sae_lightning.cli import main
@@ -25,7 +25,6 @@ from sae_lightning.report import (
 from sae_lightning.runner import fit
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PLOTS = {"loss", "loss-terms", "fvu", "l0", "dead", "throughput", "pareto", "density"}
 
 
@@ -85,17 +84,7 @@ def test_read_run_reads_metrics_curves_histogram_and_image(runs):
 def test_report_renders_in_headless_chromium(runs, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(render_report([read_run(p) for p in runs]))
-    flags = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
+    flags = chromium_command(tmp_path / "profile")
     dom = subprocess.run(
         [*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout

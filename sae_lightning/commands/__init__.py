@@ -9,3 +9,4 @@ COMMAND_MODULES: list[str] = []
 """Dotted module names of the extra subcommands, in the order ``--help`` lists them."""
 COMMAND_MODULES += ["sae_lightning.commands.export", "sae_lightning.commands.report"]
 COMMAND_MODULES += ["sae_lightning.commands.cache", "sae_lightning.commands.models"]
+COMMAND_MODULES += ["sae_lightning.commands.inspect"]

@@ -3,7 +3,8 @@
 Prints the final metrics (one table, a column per run when there are several) and writes a
 static ``report.html`` with inline SVG plots: loss curves, FVU and L0 curves, the L0-vs-FVU
 Pareto points of the runs side by side, the feature-density histogram, and, for synthetic
-data, the learned-vs-true atom image. A folder that is not itself a run is searched for runs
+data, the learned-vs-true atom image, and a link to each run's feature browser when
+``sae-lightning inspect`` wrote one. A folder that is not itself a run is searched for runs
 (``runs/quickstart`` reports every ``version_N``).
 """
 

@@ -113,6 +113,22 @@ def draw_function(u: Tensor, size: int, max_channels: int) -> Tensor:
     return heatmap(u[0], size)
 
 
+def with_map(u: Tensor, z: Tensor, size: int) -> Tensor:
+    """A field ``(C, *grid)`` with a concept's activation map ``z`` (``grid``) overlaid.
+
+    1-D: channel 0 (blue) and the map scaled to the field's amplitude (orange) in one panel.
+    2-D: the heatmap of channel 0, tinted green where the map is large.
+    """
+    if u.ndim == 2:
+        amplitude = float(u[0].abs().max()) / max(float(z.abs().max()), 1e-12)
+        return line_plot(torch.stack([u[0], z * amplitude]), size, size)
+    panel = heatmap(u[0], size).double()
+    strength = F.interpolate(z.abs().double()[None, None], size=(size, size), mode="nearest")[0]
+    alpha = 0.6 * strength / max(float(strength.max()), 1e-12)
+    green = torch.tensor([44.0, 160.0, 44.0], dtype=torch.float64)[:, None, None]
+    return (panel * (1 - alpha) + green * alpha).round().to(torch.uint8)
+
+
 def input_and_reconstruction(u: Tensor, u_hat: Tensor, size: int) -> list[Tensor]:
     """Channel 0 of a sample and its reconstruction on one scale, so amplitudes compare.
 
@@ -222,6 +238,34 @@ class ConceptImages(ScheduledCallback):
         for logger in loggers:
             for tag, image in images.items():
                 logger.experiment.add_image(tag, image, trainer.global_step, dataformats="CHW")
+
+    @torch.no_grad()
+    def concept_page(
+        self, sae: torch.nn.Module, fields: Tensor, maps: Tensor, concept: int
+    ) -> dict[str, Tensor]:
+        """Pictures of one concept for ``sae-lightning inspect``, ``(3, H, W)`` uint8 each.
+
+        ``concept``: the learned concept function (when the decoder has one); ``fields``: each
+        of ``fields`` (``(n, C, *grid)``, the concept's top-activating inputs) with the
+        concept's activation map (``maps``, ``(n, *grid)``) overlaid, one panel per field.
+        """
+        c = self.config
+        images: dict[str, Tensor] = {}
+        concept_fn = getattr(sae.decoder, "concept_functions", None)
+        if callable(concept_fn) and fields.ndim > 2:
+            learned = concept_fn(tuple(fields.shape[2:])).detach().cpu()
+            images["concept"] = tile(
+                [[draw_function(learned[concept], c.panel_size, c.max_channels)]]
+            )
+        panels = [
+            with_map(u.cpu(), z.cpu(), c.panel_size)
+            if z.ndim
+            else draw_function(u.cpu(), c.panel_size, c.max_channels)
+            for u, z in zip(fields, maps, strict=True)
+        ]
+        if panels:
+            images["fields"] = tile([panels[i : i + 5] for i in range(0, len(panels), 5)])
+        return images
 
     @torch.no_grad()
     def render(self, sae: torch.nn.Module, datamodule: Any, samples: Tensor) -> dict[str, Tensor]:
