@@ -98,10 +98,9 @@ def resolve_widths(recipe: RecipeConfig, data_d_in: int | None) -> tuple[int, in
             f"is {d_in} but the '{data_name}' data yields vectors of width {data_d_in}",
             f"set model.d_in: {data_d_in}, or remove it to take the data's width",
         )
-    if model.d_sae is not None:
-        d_sae = model.d_sae
-    else:
-        d_sae = round((model.expansion_factor or 8.0) * d_in)
+    d_sae = (
+        model.d_sae if model.d_sae is not None else round((model.expansion_factor or 8.0) * d_in)
+    )
     return d_in, d_sae
 
 
@@ -148,11 +147,8 @@ def build_sae_module(recipe: RecipeConfig, data_d_in: int | None) -> SAEModule:
 def module_kwargs(model: ModelConfig, widths: tuple[int, int]) -> dict[str, Any]:
     """:class:`SAEModule` keyword arguments of one ``model:`` section at ``(d_in, d_sae)``."""
     spec = SAESpec(*widths, model.encoder, model.decoder, model.sparsity)
-    return {
-        **spec.as_kwargs(),
-        "optimizer": model.optimizer.model_dump(),
-        "loss": model.loss.model_dump(),
-    }
+    optimizer, loss = model.optimizer.model_dump(), model.loss.model_dump()
+    return {**spec.as_kwargs(), "optimizer": optimizer, "loss": loss}
 
 
 def build_module(recipe: RecipeConfig, data_d_in: int | None) -> pl.LightningModule:
