@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ def check_resume_shapes(module: torch.nn.Module, path: str) -> None:
     """
     from sae_lightning.errors import ConfigError
 
+    if Path(path).is_dir():  # a sharded (torch.distributed.checkpoint) folder checks its own
+        return
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict")
     for key, tensor in module.state_dict().items():
         old = (saved or {}).get(key)

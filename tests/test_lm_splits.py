@@ -143,7 +143,13 @@ def test_named_corpora_are_evaluated_apart_with_fvu_and_kl(files):
         strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
     )
     sae = Mean(x.mean(0).float() + 0.5)
-    module = SimpleNamespace(sae=sae, device=torch.device("cpu"))
+    module = SimpleNamespace(  # a TrainsSAEs with one unnamed member
+        sae=sae,
+        device=torch.device("cpu"),
+        takes_token_batches=False,
+        members=lambda: {"": SimpleNamespace(sae=sae)},
+        configure_data_module=lambda datamodule: None,
+    )
     out = E2EKLEvaluation(E2EKLConfig()).evaluate(trainer, module)
     centred = (x - x.mean(0)).pow(2).sum()
     ref = (x - sae.mean.detach().double()).pow(2).sum() / centred

@@ -201,6 +201,8 @@ def assert_same_run(got: Path, want: Path, tolerance: float) -> None:
     metrics_b = json.loads((want / "metrics.json").read_text())
     assert metrics_a["trainer/global_step"] == 40
     for key, value in metrics_b.items():
+        if key.startswith("throughput/"):  # wall-clock rates, not results of the run
+            continue
         assert metrics_a[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
 
 

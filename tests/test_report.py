@@ -74,7 +74,7 @@ def test_one_run_reports_into_its_folder_and_a_parent_folder_finds_every_run(run
 def test_read_run_reads_metrics_curves_histogram_and_image(runs):
     data = read_run(runs[0])
     assert data.metrics["val/l0"] == pytest.approx(2.0)
-    # Lightning logs val at step - 1; the final validation at step 20 is the one fit ran, not a rerun
+    # Lightning logs val at step - 1; the last one (step 20) ran in fit, not again in finish
     assert [s for s, _ in data.scalars["val/fvu"]] == [9, 19]
     assert data.density is not None and sum(data.density.counts) == pytest.approx(64)
     assert data.atoms_png and data.atoms_png.startswith(b"\x89PNG")

@@ -105,7 +105,9 @@ def test_prefetching_stream_yields_the_batches_in_order_and_stops():
     made.clear()
     assert int(next(it)[0, 0]) == 0
     it.close()
-    assert made[:2] == [0, 1] and len(made) <= 3, "made more than the prefetch ahead"
+    # in order, and never more than the prefetch ahead of what was taken (how far the thread
+    # got before close() depends on scheduling)
+    assert made == list(range(len(made))) and 1 <= len(made) <= 3, made
 
 
 def test_data_module_trains_on_prefetched_batches_equal_to_the_direct_ones():

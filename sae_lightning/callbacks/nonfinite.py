@@ -22,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from sae_lightning.cadence import logs_step
@@ -157,7 +158,11 @@ class NonFiniteGuard(pl.Callback):
         if step == self._checked_step or step < 0:
             return
         self._checked_step = step
-        params = list(pl_module.named_parameters())
+        # A latent-sharded parameter is checked shard by shard: each rank reads its own part.
+        params = [
+            (n, p.to_local() if isinstance(p, DTensor) else p)
+            for n, p in pl_module.named_parameters()
+        ]
         # One aminmax read per parameter: NaN and Inf reach min or max.
         extremes = torch.stack([torch.stack(torch.aminmax(p.detach())).float() for _, p in params])
         weights_ok = torch.isfinite(extremes).all().double().view(1)

@@ -98,6 +98,7 @@ def train(name: str, dp: int, tp: int) -> tuple[SAEModule, pl.Trainer, StepMetri
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,  # every step's metrics reach callback_metrics, to compare them all
         callbacks=[metrics],
     )
     with traffic() as counts:
