@@ -13,11 +13,19 @@ can skip the term outright or multiply the encoder by the dead latents' rows onl
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae_lightning.components.base import AuxSource, Codes, Decoder, total_variance_share
+from sae_lightning.components.base import (
+    AuxSource,
+    Codes,
+    Decoder,
+    SparsityFn,
+    total_variance_share,
+)
 from sae_lightning.config import PluginConfig
 from sae_lightning.kernels.encode import EncoderInputs, topk_encode
 
@@ -123,3 +131,24 @@ def auxk_terms(
             "pre-activations"
         )
     return {"auxk": coefficient * aux}
+
+
+class AuxKSparsity(SparsityFn):
+    """The AuxK side of a TopK-family plugin: its switch and its terms, from ``config`` and
+    ``k_aux`` (set by the subclass), named ``auxk_owner`` in errors."""
+
+    auxk_owner: ClassVar[str]
+    config: AuxKConfig
+    k_aux: int
+
+    @property
+    def auxiliary_loss_switch(self) -> str | None:
+        return "aux_coefficient" if self.config.aux_coefficient > 0 else None
+
+    def auxiliary_losses(
+        self, source: AuxSource | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+    ) -> dict[str, Tensor]:
+        coefficient = self.config.aux_coefficient
+        return auxk_terms(
+            self.auxk_owner, coefficient, source, x, residual, decoder, dead, self.k_aux
+        )

@@ -28,15 +28,13 @@ from pydantic import Field
 from torch import Tensor
 
 from sae_lightning.components.base import (
-    AuxSource,
     Codes,
     Decoder,
     PeerActivation,
-    SparsityFn,
     SparsityOutput,
     data_parallel_world_size,
 )
-from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_terms
+from sae_lightning.components.sparsity.auxk import AuxKConfig, AuxKSparsity
 from sae_lightning.components.sparsity.topk import check_k
 from sae_lightning.kernels.encode import (
     EncoderInputs,
@@ -114,8 +112,10 @@ def batch_topk(acts: Tensor, k: int) -> Tensor:
     return select_batch_topk(acts, k, across_ranks=False)[0]
 
 
-class BatchTopK(SparsityFn):
+class BatchTopK(AuxKSparsity):
     """BatchTopK: top k x batch ReLU activations per batch; a running threshold at inference."""
+
+    auxk_owner = "BatchTopK"
 
     Config = BatchTopKConfig
     config: BatchTopKConfig
@@ -187,17 +187,6 @@ class BatchTopK(SparsityFn):
             old < 0, smallest, old + self.config.threshold_momentum * (smallest - old)
         )
         self.threshold.copy_(torch.where(has_any, ema, old))
-
-    @property
-    def auxiliary_loss_switch(self) -> str | None:
-        return "aux_coefficient" if self.config.aux_coefficient > 0 else None
-
-    def auxiliary_losses(
-        self, source: AuxSource | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
-    ) -> dict[str, Tensor]:
-        return auxk_terms(
-            "BatchTopK", self.config.aux_coefficient, source, x, residual, decoder, dead, self.k_aux
-        )
 
     def peer_activation(self) -> PeerActivation:
         """JumpReLU with the running inference threshold for every latent (SAELens has no

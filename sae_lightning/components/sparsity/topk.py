@@ -13,14 +13,12 @@ from pydantic import Field
 from torch import Tensor
 
 from sae_lightning.components.base import (
-    AuxSource,
     Codes,
     Decoder,
     PeerActivation,
-    SparsityFn,
     SparsityOutput,
 )
-from sae_lightning.components.sparsity.auxk import AuxKConfig, auxk_terms
+from sae_lightning.components.sparsity.auxk import AuxKConfig, AuxKSparsity
 from sae_lightning.errors import ConfigError
 from sae_lightning.kernels.encode import EncoderInputs, topk_encode
 from sae_lightning.kernels.select import topk_select
@@ -40,8 +38,10 @@ def check_k(k: int, d_sae: int, field: str = "k") -> None:
         )
 
 
-class TopK(SparsityFn):
+class TopK(AuxKSparsity):
     """TopK: the k largest pre-activations per row, ReLU'd; sparse codes; AuxK for dead latents."""
+
+    auxk_owner = "TopK"
 
     Config = TopKConfig
     config: TopKConfig
@@ -69,17 +69,6 @@ class TopK(SparsityFn):
         values, indices = topk_encode(inputs, self.config.k)
         codes = Codes(torch.relu(values), indices, self.d_sae)
         return SparsityOutput(codes, {}, inputs)
-
-    @property
-    def auxiliary_loss_switch(self) -> str | None:
-        return "aux_coefficient" if self.config.aux_coefficient > 0 else None
-
-    def auxiliary_losses(
-        self, source: AuxSource | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
-    ) -> dict[str, Tensor]:
-        return auxk_terms(
-            "TopK", self.config.aux_coefficient, source, x, residual, decoder, dead, self.k_aux
-        )
 
     def peer_activation(self) -> PeerActivation:
         """SAELens ``topk`` and sparsify's TopK: ReLU of the ``k`` largest pre-activations."""
