@@ -47,7 +47,7 @@ PLUGIN_READS = pytest.mark.xfail(
     raises=PluginHostReads,
     reason="the plugin reads a data-dependent shape every step: AuxK's dead.nonzero() "
     "(components/sparsity/auxk.py), and for batchtopk the padded width of its selection "
-    "(kernels/topk_encoder.py); strict: remove this mark once they are gone",
+    "(kernels/select.py); strict: remove this mark once they are gone",
 )
 
 SPARSITY = {
