@@ -2,7 +2,8 @@
 
 Declared protocols, checked with ``isinstance``, so no caller probes for an attribute: a module
 that trains SAEs (:class:`TrainsSAEs`), a data module that knows its width
-(:class:`DeclaresWidth`) or scales its activations (:class:`ScalesInputs`).
+(:class:`DeclaresWidth`) or scales its activations (:class:`ScalesInputs`, or per channel
+:class:`ScalesChannels`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import lightning.pytorch as pl
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from sae_lightning.module import SAEModule
 
 
@@ -47,3 +50,12 @@ class ScalesInputs(Protocol):
 
     @property
     def scale(self) -> float: ...
+
+
+@runtime_checkable
+class ScalesChannels(Protocol):
+    """A data module that multiplies each input channel by its own factor (``(C,)``, None
+    before ``setup``); the export records them in the SAE, which then takes raw inputs."""
+
+    @property
+    def channel_scale(self) -> Tensor | None: ...

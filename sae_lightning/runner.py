@@ -22,7 +22,7 @@ from sae_lightning.callbacks.last_validation import LastValidation
 from sae_lightning.callbacks.progress import LoggedMetricsBar
 from sae_lightning.checkpoint_io import AtomicCheckpointIO, check_resume_shapes
 from sae_lightning.config import ModelConfig, RecipeConfig
-from sae_lightning.data.normalization import fold_input_scale
+from sae_lightning.data.normalization import raw_input_sae
 from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
@@ -34,7 +34,7 @@ from sae_lightning.parallel.strategy import (
     model_parallel_arguments,
 )
 from sae_lightning.precision import with_default_precision
-from sae_lightning.protocols import DeclaresWidth, ScalesInputs, TrainsSAEs
+from sae_lightning.protocols import DeclaresWidth, TrainsSAEs
 from sae_lightning.recipe import TRAINER_DEFAULTS, resolved_recipe, variant_models
 from sae_lightning.registry import registry
 from sae_lightning.spec import SAESpec
@@ -385,15 +385,10 @@ def finish(run: Run) -> dict[str, float]:
         run.trainer.logger.experiment.flush()  # readers see the final summaries at once
     if run.trainer.is_global_zero:
         write_metrics(run.run_dir / METRICS_FILE, metrics)
-        # Data modules that normalise activations expose `scale`; fold it into the export so the
-        # exported SAE takes raw activations.
-        data = run.datamodule
-        scale = float(data.scale) if isinstance(data, ScalesInputs) else 1.0
         for name, member in saes.items():
-            sae = eager_sae(exported[name])
-            sae = fold_input_scale(sae, scale) if scale != 1.0 else sae
+            sae, extra = raw_input_sae(eager_sae(exported[name]), run.datamodule)
             folder = run.run_dir / name if name else run.run_dir
-            export_sae(sae, folder, plugins=member.plugin_versions, input_scale=scale)
+            export_sae(sae, folder, plugins=member.plugin_versions, **extra)
             if name:
                 write_metrics(folder / METRICS_FILE, member_metrics(metrics, name))
     return metrics

@@ -47,6 +47,11 @@ class ForwardOutput(NamedTuple):
     the pre-activations); :meth:`SparseAutoencoder.auxiliary_losses` hands it back."""
 
 
+def channel_view(scale: Tensor, x: Tensor) -> Tensor:
+    """``(C,)`` factors shaped to broadcast over dim 1 of ``x`` (``(batch, C, *grid)``)."""
+    return scale.to(x.dtype).view(-1, *([1] * (x.ndim - 2)))
+
+
 class SparseAutoencoder(nn.Module):
     """An SAE composed of registered plugins.
 
@@ -94,6 +99,8 @@ class SparseAutoencoder(nn.Module):
         self.decoder: Decoder = built["decoder"]
         self.sparsity: SparsityFn = built["sparsity"]
         self.fused = True
+        self.input_scale: Tensor | None
+        self.register_buffer("input_scale", None)
 
     @classmethod
     def from_spec(cls, spec: SAESpec, **kwargs: Any) -> SparseAutoencoder:
@@ -105,17 +112,42 @@ class SparseAutoencoder(nn.Module):
         """``{role: spec}`` of the three plugins."""
         return {role: spec for role, _, spec in self.spec.roles()}
 
+    def set_input_scale(self, scale: Tensor | None) -> None:
+        """Take raw inputs although training saw them multiplied by ``scale`` per channel.
+
+        ``scale`` is ``(d_in,)``, one factor per input channel (dim 1 of a batch), as a data
+        module that normalises each channel records it; None removes it. Every public method
+        then multiplies its input by ``scale`` and divides reconstructions by it, so codes are
+        those of training. Export sets it where the factors cannot be folded into the weights
+        (function-space encoders); it is saved with the weights.
+        """
+        if scale is not None and scale.shape != (self.d_in,):
+            raise ValueError(f"input_scale has shape {tuple(scale.shape)}, not ({self.d_in},)")
+        self.input_scale = None if scale is None else scale.detach().clone()
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        """``x`` in the space the SAE was trained in."""
+        return x if self.input_scale is None else x * channel_view(self.input_scale, x)
+
+    def _unscaled(self, x_hat: Tensor) -> Tensor:
+        """A reconstruction back in the space of the raw inputs."""
+        return x_hat if self.input_scale is None else x_hat / channel_view(self.input_scale, x_hat)
+
     def pre_activations(self, x: Tensor) -> Tensor:
         """``(batch, d_in) -> (batch, d_sae)`` encoder output, centring inputs if asked."""
+        return self._pre_activations(self._scaled(x))
+
+    def _pre_activations(self, x: Tensor) -> Tensor:
         if self.encoder.center_input:
             x = x - self.decoder.b_dec
         return self.encoder(x)
 
     def run(self, x: Tensor, *, step: int = 0) -> ForwardOutput:
         """Encode, sparsify and decode one batch, keeping every intermediate."""
-        out, pre_acts = self._sparsify(x, step)
+        out, pre_acts = self._sparsify(self._scaled(x), step)
         source = out.aux_source if out.aux_source is not None else pre_acts
-        return ForwardOutput(self.decoder(out.codes), out.codes, pre_acts, out.losses, source)
+        x_hat = self._unscaled(self.decoder(out.codes))
+        return ForwardOutput(x_hat, out.codes, pre_acts, out.losses, source)
 
     def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
@@ -125,7 +157,7 @@ class SparseAutoencoder(nn.Module):
             fused = own if own is not None else self._fused_encode(x, step)
             if fused is not None:
                 return fused, None
-        pre_acts = self.pre_activations(x)
+        pre_acts = self._pre_activations(x)
         if pre_acts.ndim > 2 and not self.sparsity.functional:
             return self._sparsify_pointwise(pre_acts, step), pre_acts
         return self.sparsity(pre_acts, step=step, decoder=self.decoder), pre_acts
@@ -176,7 +208,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_codes(self, x: Tensor) -> Codes:
         """Sparse codes of ``x`` (sparse or dense, whichever the sparsity plugin produces)."""
-        return self._sparsify(x, 0)[0].codes
+        return self._sparsify(self._scaled(x), 0)[0].codes
 
     def encode(self, x: Tensor) -> Tensor:
         """``(batch, d_in) -> (batch, d_sae)`` dense feature activations (concept maps
@@ -187,24 +219,28 @@ class SparseAutoencoder(nn.Module):
         """Reconstruct from dense ``(batch, d_sae)`` features or from :class:`Codes`."""
         if not isinstance(features, Codes):
             features = Codes(features, None, self.d_sae)
-        return self.decoder(features)
+        return self._unscaled(self.decoder(features))
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of ``x``: any leading shape and last dim ``d_in``, or a function
         batch ``(batch, d_in, *grid)`` for a function-space encoder."""
         if self.encoder.functional:
-            return self.decoder(self.encode_codes(x))
+            return self.decode(self.encode_codes(x))
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in)
-        return self.decoder(self.encode_codes(flat)).reshape(*lead, self.d_in)
+        return self.decode(self.encode_codes(flat)).reshape(*lead, self.d_in)
 
     def atoms(self) -> Tensor:
         """The ``(d_sae, d_in)`` dictionary."""
         return self.decoder.atoms()
 
     def config_dict(self) -> dict[str, Any]:
-        """The specs that rebuild this SAE (see :func:`sae_lightning.io.load_sae`)."""
-        return self.spec.as_kwargs()
+        """The specs that rebuild this SAE (see :func:`sae_lightning.io.load_sae`), and its
+        per-channel input scale when one is set."""
+        config = self.spec.as_kwargs()
+        if self.input_scale is not None:
+            config["input_scale"] = self.input_scale.tolist()
+        return config
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

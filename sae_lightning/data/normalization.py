@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from sae_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sae_lightning.sae import SparseAutoencoder
 
 NormalizeMode = Literal["none", "unit", "sqrt_d_in"]
 """``unit``: mean squared norm 1; ``sqrt_d_in``: mean norm sqrt(d_in), as SAELens does."""
@@ -127,3 +130,22 @@ def fold_input_scale(sae: nn.Module, scale: float) -> nn.Module:
     folded.decoder.atoms().div_(scale)
     folded.decoder.b_dec.div_(scale)
     return folded
+
+
+def raw_input_sae(sae: SparseAutoencoder, data: Any) -> tuple[SparseAutoencoder, dict[str, float]]:
+    """The SAE to export, taking the raw inputs of a data module that normalises them.
+
+    A scalar ``scale`` is folded into the weights (recorded as ``input_scale``); per-channel
+    factors (``channel_scale``, e.g. ``pde_fields`` with ``normalize: unit``) are kept by the
+    SAE itself (:meth:`~sae_lightning.sae.SparseAutoencoder.set_input_scale`), which
+    records them in its config.
+    """
+    from sae_lightning.protocols import ScalesChannels, ScalesInputs
+
+    channels = data.channel_scale if isinstance(data, ScalesChannels) else None
+    if channels is not None and not bool((channels == 1).all()):
+        sae = copy.deepcopy(sae)
+        sae.set_input_scale(channels.to(next(sae.parameters()).dtype))
+        return sae, {}
+    scale = float(data.scale) if isinstance(data, ScalesInputs) else 1.0
+    return (fold_input_scale(sae, scale) if scale != 1.0 else sae), {"input_scale": scale}

@@ -123,6 +123,8 @@ def load_native(
         )
     except KeyError as err:
         raise ConfigError(where, f"missing key {err}") from None
+    if isinstance(config.get("input_scale"), list):  # per channel, applied by the SAE
+        sae.set_input_scale(torch.tensor(config["input_scale"]))
     state = load_file(str(weights_path))
     expected = sae.state_dict()
     missing_keys = sorted(set(expected) - set(state))

@@ -77,7 +77,9 @@ def concept_drawer() -> ConceptPages:
 def scan(sae: nn.Module, dm: Any, options: InspectOptions) -> tuple[LatentStats, TopSamples]:
     """Activity statistics and top samples over up to ``options.tokens`` validation samples."""
     from sae_lightning.module import as_tensor
+    from sae_lightning.sae import SparseAutoencoder, channel_view
 
+    scale = sae.input_scale if isinstance(sae, SparseAutoencoder) else None
     device = next(sae.parameters()).device
     dm.setup("validate")
     stats = LatentStats.empty(int(sae.d_sae), device)
@@ -87,6 +89,8 @@ def scan(sae: nn.Module, dm: Any, options: InspectOptions) -> tuple[LatentStats,
         x = as_tensor(batch)[: options.tokens - seen].to(device, options.torch_dtype)
         if x.ndim < 3:
             raise ConfigError("data", "inspect reads language-model or function-space runs")
+        if scale is not None:  # the exported SAE takes raw fields: undo `normalize`
+            x = x / channel_view(scale, x)
         codes = sae.encode(x)
         act = activity(codes)
         stats.update(act)

@@ -22,8 +22,9 @@ resolution (:meth:`PDEFieldDataModule.validation_set`). Sample ``i`` of a split 
 
 **Normalisation.** ``normalize: unit`` multiplies each channel by one factor so that its mean
 square over the training set is 1 (the same factors at every resolution and for validation),
-kept in :attr:`PDEFieldDataModule.channel_scale` and the checkpoint. An SAE trained on
-normalised fields (and its export) expects fields multiplied by those factors.
+kept in :attr:`PDEFieldDataModule.channel_scale` and the checkpoint. The SAE trains on normalised
+fields; its export records the factors and applies them itself, so the exported SAE takes raw
+fields (:meth:`~sae_lightning.sae.SparseAutoencoder.set_input_scale`).
 
 **Caching.** With ``cache_dir`` set, generated fields are stored there with a manifest of every
 generation parameter (:mod:`sae_neural_operator.data.cache`), reused while the parameters match
@@ -266,9 +267,8 @@ class PDEFieldDataModule(IndexedDataModule):
         self.seed = config.seed if config.seed is not None else seed
         self._resumed: dict[str, Any] | None = None
         self.channel_scale: Tensor | None = None
-        """``(C,)`` float64 factors the channels were multiplied by (after ``setup``). Not named
-        ``scale``: the core folds a scalar ``scale`` into linear SAEs at export, which function
-        SAEs do not support; exported function SAEs take normalised fields."""
+        """``(C,)`` float64 factors the channels were multiplied by (after ``setup``); the export
+        records them in the SAE, which then takes raw fields."""
         self._train: Tensor | None = None
         self._val: dict[Grid, Tensor] = {}
         self._file: dict[str, dict[int, dict[str, Tensor]]] | None = None
