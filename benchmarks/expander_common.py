@@ -1,7 +1,9 @@
-"""Pieces the expander benchmarks share: a step timer callback and one bare training step."""
+"""Pieces the expander benchmarks share: a step timer callback, one bare training step, and the
+frame of the frontier benchmarks (their common options, the doc section they rewrite)."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,24 @@ def replace_between(doc: Path, begin: str, end: str, lines: list[str]) -> None:
         raise SystemExit(f"{doc}: add the markers {begin} and {end} where the table goes")
     head, rest = text.split(begin, 1)
     doc.write_text(head + "\n".join([begin, "", *lines, "", end]) + rest.split(end, 1)[1])
+
+
+def frontier_parser(description: str, *, threads: int) -> argparse.ArgumentParser:
+    """The options every frontier benchmark takes; each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the doc")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="train only variants whose label contains one"
+    )
+    parser.add_argument("--output-dir", default=None, help="run folders (default: a temp dir)")
+    return parser
+
+
+def write_frontier(doc: Path, markers: tuple[str, str], header: str, table: str, svg: str) -> None:
+    """Rewrite a frontier section of ``doc``: how it was made, the table, the chart."""
+    replace_between(doc, *markers, [header, "", table, "", svg])
 
 
 def label_of(row: dict) -> str:

@@ -76,7 +76,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- the peers' steps, each as its own trainer does it ---------------------------------------
 
 
-class SparsifyStep:
+class PeerStep:
+    """What every peer's step keeps: its SAE and Adam, the batches it cycles through, and the
+    latents held dead (so that AuxK has work)."""
+
+    def __init__(self, args: argparse.Namespace, batches: list[Any], sae: Any) -> None:
+        import torch
+
+        self.sae = sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr, fused=True)
+        self.held_dead = dead_mask(args, batches[0].device)
+        self.batches = batches
+        self.t = 0
+
+    def batch(self) -> Any:
+        """This step's batch (the list cycles)."""
+        return self.batches[self.t % len(self.batches)]
+
+
+class SparsifyStep(PeerStep):
     """One step of sparsify's ``Trainer.fit`` for an autoencoder with the fvu loss."""
 
     def __init__(self, args: argparse.Namespace, batches: list[Any]) -> None:
@@ -85,17 +103,13 @@ class SparsifyStep:
 
         device, dtype = batches[0].device, batches[0].dtype
         cfg = SparseCoderConfig(num_latents=args.n_latents, k=args.k)
-        self.sae = SparseCoder(args.d_in, cfg, device=device, dtype=dtype)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=args.lr, fused=True)
+        super().__init__(args, batches, SparseCoder(args.d_in, cfg, device=device, dtype=dtype))
         self.since_fired = torch.zeros(args.n_latents, dtype=torch.long, device=device)
-        self.held_dead = dead_mask(args, device)
-        self.batches = batches
-        self.t = 0
 
     def __call__(self) -> Any:
         import torch
 
-        x = self.batches[self.t % len(self.batches)]
+        x = self.batch()
         self.sae.set_decoder_norm_to_unit_norm()
         dead = (self.since_fired > 100_000) | self.held_dead
         out = self.sae(x, dead_mask=dead)
@@ -113,7 +127,7 @@ class SparsifyStep:
         return loss
 
 
-class SAELensStep:
+class SAELensStep(PeerStep):
     """One step of SAELens's ``SAETrainer._train_step`` for a TopK SAE."""
 
     def __init__(self, args: argparse.Namespace, batches: list[Any], *, sparse: bool) -> None:
@@ -133,18 +147,14 @@ class SAELensStep:
             rescale_acts_by_decoder_norm=not sparse,
             aux_loss_coefficient=AUXK_WEIGHT,
         )
-        self.sae = TopKTrainingSAE(cfg)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=args.lr, fused=True)
+        super().__init__(args, batches, TopKTrainingSAE(cfg))
         self.since_fired = torch.zeros(args.n_latents, device=device)
-        self.held_dead = dead_mask(args, device)
-        self.batches = batches
-        self.t = 0
 
     def __call__(self) -> Any:
         import torch
         from sae_lens.saes.sae import TrainStepInput
 
-        x = self.batches[self.t % len(self.batches)]
+        x = self.batch()
         self.sae.train()
         out = self.sae.training_forward_pass(
             step_input=TrainStepInput(

@@ -23,3 +23,14 @@ def logs_step(trainer: pl.Trainer, step: int) -> bool:
     every = trainer.log_every_n_steps
     last = 0 < trainer.max_steps <= step + 1
     return last or (every > 0 and (step + 1) % every == 0)
+
+
+def every_n_steps(step: int, every: int | None) -> bool:
+    """Whether 0-based training step ``step`` ends a block of ``every`` steps (steps ``every - 1``,
+    ``2 * every - 1``, ...); never when ``every`` is None or 0.
+
+    Args:
+        step: 0-based optimizer step, as for :func:`logs_step`.
+        every: the cadence in optimizer steps.
+    """
+    return every is not None and every > 0 and (step + 1) % every == 0

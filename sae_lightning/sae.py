@@ -56,9 +56,9 @@ class SparseAutoencoder(nn.Module):
     """An SAE composed of registered plugins.
 
     Args:
-        d_in: input width.
-        d_sae: number of latents.
-        encoder, decoder, sparsity: recipe specs ``{"name": ..., **params}``.
+        spec, named: the fields of :class:`~sae_lightning.spec.SAESpec`, positionally or by
+            name: ``d_in`` (input width), ``d_sae`` (number of latents), and ``encoder``,
+            ``decoder``, ``sparsity`` (recipe specs ``{"name": ..., **params}``).
         field_prefix: where the specs live in the recipe, for error messages.
         plugins: the registry to build from (the process-wide one by default).
 
@@ -76,18 +76,15 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(
         self,
-        d_in: int,
-        d_sae: int,
-        encoder: PluginSpec,
-        decoder: PluginSpec,
-        sparsity: PluginSpec,
-        *,
+        *spec: Any,
         field_prefix: str = "model",
         plugins: Registry | None = None,
+        **named: Any,
     ) -> None:
         super().__init__()
         reg = plugins or registry
-        self.spec = SAESpec(d_in, d_sae, dict(encoder), dict(decoder), dict(sparsity))
+        d_in, d_sae, *plugin_specs = SAESpec(*spec, **named)
+        self.spec = SAESpec(d_in, d_sae, *(dict(s) for s in plugin_specs))
         self.d_in = d_in
         self.d_sae = d_sae
         built: dict[str, Any] = {}

@@ -7,7 +7,7 @@ out the encoder/decoder/sparsity triple.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 from sae_lightning.config import PluginSpec
@@ -33,6 +33,13 @@ class SAESpec(NamedTuple):
     """``{"name": ..., **params}`` of the decoder plugin."""
     sparsity: PluginSpec
     """``{"name": ..., **params}`` of the sparsity plugin."""
+
+    @classmethod
+    def read(cls, stored: Mapping[str, Any]) -> SAESpec:
+        """The spec stored under its field names (a checkpoint's ``hyper_parameters``, an
+        exported ``sae_config.json``); raises KeyError naming a missing field."""
+        widths = (int(stored["d_in"]), int(stored["d_sae"]))
+        return cls(*widths, stored["encoder"], stored["decoder"], stored["sparsity"])
 
     def roles(self) -> Iterator[tuple[str, str, PluginSpec]]:
         """``(role, registry group, spec)`` of each plugin, in build order."""

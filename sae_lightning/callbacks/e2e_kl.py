@@ -23,6 +23,8 @@ from pydantic import Field
 from torch import Tensor, nn
 from typing_extensions import override
 
+from sae_lightning.cadence import every_n_steps
+from sae_lightning.callbacks.batch_end import BatchEndCallback, TrainBatchEnd
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import FractionOfVarianceUnexplained
@@ -58,7 +60,7 @@ class E2EKLConfig(PluginConfig):
     )
 
 
-class E2EKLEvaluation(pl.Callback):
+class E2EKLEvaluation(BatchEndCallback):
     """Logs e2e/kl, e2e/ce_clean, e2e/ce_sae, e2e/ce_zero_ablation, e2e/ce_recovered, e2e/kl_score.
 
     Needs ``lm_activations`` or ``activation_cache`` data (anything with ``language_model()``).
@@ -176,16 +178,10 @@ class E2EKLEvaluation(pl.Callback):
         return hooks[0]
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, end: TrainBatchEnd
     ) -> None:
-        every = self.config.every_n_steps
-        if every and trainer.global_step % every == 0:
+        if every_n_steps(end.step, self.config.every_n_steps):
             for key, value in self.evaluate(trainer, pl_module).items():
                 pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=False)
 

@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from sae_lightning.cadence import logs_step
+from sae_lightning.cadence import every_n_steps, logs_step
+from sae_lightning.callbacks.batch_end import BatchEndCallback, TrainBatchEnd
 from sae_lightning.errors import NonFiniteError
 from sae_lightning.gather import gather_ranks
 
@@ -81,7 +82,7 @@ class _FirstBad:
         return torch.cat([self.step.double().view(1), self.bad.double(), self.values.double()])
 
 
-class NonFiniteGuard(pl.Callback):
+class NonFiniteGuard(BatchEndCallback):
     """Raise :class:`NonFiniteError` naming the step and the loss term when training diverges.
 
     Each step's loss terms go into a device-side flag (no host sync); the flag and the weights
@@ -110,20 +111,15 @@ class NonFiniteGuard(pl.Callback):
     def _due(self, trainer: pl.Trainer, step: int) -> bool:
         if self.every_n_steps is None:
             return logs_step(trainer, step)
-        return (step + 1) % self.every_n_steps == 0
+        return every_n_steps(step, self.every_n_steps)
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, end: TrainBatchEnd
     ) -> None:
-        step = trainer.global_step - 1  # the step whose loss was just computed
-        if isinstance(outputs, dict):
-            terms: dict[str, Tensor] = outputs.get("terms", {"loss": outputs["loss"]})
+        step = end.step  # the step whose loss was just computed
+        if isinstance(end.outputs, dict):
+            terms: dict[str, Tensor] = end.outputs.get("terms", {"loss": end.outputs["loss"]})
             names = list(terms)
             values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
             if self._record is not None and self._record.names != names:

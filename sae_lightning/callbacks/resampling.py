@@ -43,6 +43,7 @@ from pydantic import Field
 from torch import Tensor
 from typing_extensions import override
 
+from sae_lightning.callbacks.batch_end import BatchEndCallback, TrainBatchEnd
 from sae_lightning.callbacks.resampling_init import (
     reconstruct,
     reset_optimizer_state,
@@ -127,7 +128,7 @@ _PROCEDURES = {
 }
 
 
-class DeadFeatureResampler(pl.Callback):
+class DeadFeatureResampler(BatchEndCallback):
     """Resample dead latents toward badly reconstructed inputs (Anthropic 2023).
 
     Args:
@@ -194,19 +195,14 @@ class DeadFeatureResampler(pl.Callback):
         return target + every if target == self.last_step else target
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, end: TrainBatchEnd
     ) -> None:
         if self._finished():
             return
-        done = trainer.global_step  # optimizer steps taken, this batch's included
+        done = end.step + 1  # optimizer steps taken, this batch's included
         target = self._next_resample_step(done)
-        x = as_tensor(batch)
+        x = as_tensor(end.batch)
         global_rows = x.shape[0] * trainer.world_size
         window = -(-self.config.n_candidates // global_rows)  # steps whose inputs we keep
         if target - done < window:

@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from sae_lightning.cadence import logs_step
+from sae_lightning.callbacks.batch_end import BatchEndCallback, TrainBatchEnd
 
 
 def batch_sizes(batch: Any) -> tuple[int, int]:
@@ -26,7 +27,7 @@ def batch_sizes(batch: Any) -> tuple[int, int]:
     return tokens, int(x.shape[0])
 
 
-class ThroughputMonitor(pl.Callback):
+class ThroughputMonitor(BatchEndCallback):
     """Log ``throughput/tokens_per_s`` (shown on the progress bar) and ``throughput/samples_per_s``.
 
     Wall-clock rates over the last ``window`` training batches of all ranks together (data
@@ -59,22 +60,17 @@ class ThroughputMonitor(pl.Callback):
         self._restart()
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, end: TrainBatchEnd
     ) -> None:
-        tokens, samples = batch_sizes(batch)
+        tokens, samples = batch_sizes(end.batch)
         world = trainer.world_size  # every rank runs a batch of the same size
         self._ends.append((time.perf_counter(), tokens * world, samples * world))
         start = self._ends[0][0]
         elapsed = self._ends[-1][0] - start
         if elapsed <= 0 or len(self._ends) < 2:
             return
-        if not logs_step(trainer, trainer.global_step - 1):
+        if not logs_step(trainer, end.step):
             # Logging a Python float copies it to the device, a wait for the host: logging
             # steps only (the progress bar shows the logged value).
             return

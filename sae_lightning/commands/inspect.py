@@ -10,6 +10,7 @@ its activation map overlaid. Also adds the decoder atoms to TensorBoard's projec
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 from sae_lightning.errors import ConfigError
@@ -79,23 +80,14 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     ):
         if value <= 0:
             raise ConfigError(f"--{name}", f"is {value}", "pass a positive number")
-    options = InspectOptions(
-        tokens=args.tokens,
-        text=args.text,
-        source=args.source,
-        hook=args.hook,
-        n_top=args.top,
-        before=args.before,
-        after=args.after,
-        batch_size=args.batch_size,
-        effects=args.effects,
-        near=args.near,
-        dense_threshold=args.dense_threshold,
-        dtype=args.dtype,
-        device=args.device,
-        projector=not args.no_projector,
-        out=Path(args.out) if args.out else None,
-    )
+    # The other InspectOptions fields have the flag of the same name.
+    renamed = {
+        "n_top": args.top,
+        "projector": not args.no_projector,
+        "out": Path(args.out) if args.out else None,
+    }
+    same = {f.name: getattr(args, f.name) for f in fields(InspectOptions) if f.name not in renamed}
+    options = InspectOptions(**same, **renamed)
     recipe = load_recipe(configs, split_overrides(rest))
     index = inspect_run(run_dir, recipe, options, Console())
     print(f"\nwrote {index}")

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from sae_lightning.formats.common import FormatError
-
-_SAE_KEYS = ("d_in", "d_sae", "encoder", "decoder", "sparsity")
+from sae_lightning.spec import SAESpec
 
 
 def load_checkpoint_sae(
@@ -40,20 +39,14 @@ def load_checkpoint_sae(
         raise FileNotFoundError(f"checkpoint {file} not found")
     ckpt = torch.load(file, map_location="cpu", weights_only=True)
     hparams = dict(ckpt.get("hyper_parameters") or {})
-    missing = [k for k in _SAE_KEYS if k not in hparams]
+    missing = [k for k in SAESpec._fields if k not in hparams]
     if missing:
         raise FormatError(
             f"{file}: hyper_parameters lack {missing} (found {sorted(hparams)}); export needs a "
             "checkpoint written by sae-lightning's SAEModule"
         )
-    sae = SparseAutoencoder(
-        int(hparams["d_in"]),
-        int(hparams["d_sae"]),
-        hparams["encoder"],
-        hparams["decoder"],
-        hparams["sparsity"],
-        field_prefix=f"{file}:hyper_parameters",
-    )
+    spec = SAESpec.read(hparams)
+    sae = SparseAutoencoder.from_spec(spec, field_prefix=f"{file}:hyper_parameters")
     state = {k[len("sae.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("sae.")}
     try:
         sae.load_state_dict(state, strict=True)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from sae_lightning._version import __version__
 from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.errors import ConfigError, SaeLightningError
+from sae_lightning.spec import SAESpec
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae_config.json"
@@ -113,14 +114,7 @@ def load_native(
     if missing is not None:
         raise SaeLightningError(missing)
     try:
-        sae = SparseAutoencoder(
-            int(config["d_in"]),
-            int(config["d_sae"]),
-            config["encoder"],
-            config["decoder"],
-            config["sparsity"],
-            field_prefix=where,
-        )
+        sae = SparseAutoencoder.from_spec(SAESpec.read(config), field_prefix=where)
     except KeyError as err:
         raise ConfigError(where, f"missing key {err}") from None
     if isinstance(config.get("input_scale"), list):  # per channel, applied by the SAE

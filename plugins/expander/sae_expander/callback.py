@@ -14,6 +14,7 @@ from pydantic import Field
 from typing_extensions import override
 
 from sae_expander.omp import encode_omp
+from sae_lightning.callbacks.batch_end import BatchEndCallback
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.metrics import FractionOfVarianceUnexplained
@@ -30,7 +31,7 @@ class OMPEvaluationConfig(PluginConfig):
     )
 
 
-class OMPEvaluation(pl.Callback):
+class OMPEvaluation(BatchEndCallback):
     """Logs val/omp/fvu: FVU of OMP codes on the SAE's own dictionary, next to val/fvu.
 
     Args:
@@ -62,14 +63,8 @@ class OMPEvaluation(pl.Callback):
         self.seen = 0
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def after_validation_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int
     ) -> None:
         if trainer.sanity_checking or self.fvu is None:
             return

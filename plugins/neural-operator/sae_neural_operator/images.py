@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import Tensor
 from typing_extensions import override
 
+from sae_lightning.callbacks.batch_end import BatchEndCallback
 from sae_lightning.callbacks.schedule import EveryNValidations, ScheduledCallback
 from sae_lightning.callbacks.tensorboard import tensorboard_loggers
 from sae_lightning.config import PluginConfig
@@ -196,7 +197,7 @@ def activity(codes: Tensor) -> Tensor:
 # ---- the callback ---------------------------------------------------------------------------
 
 
-class ConceptImages(ScheduledCallback):
+class ConceptImages(ScheduledCallback, BatchEndCallback):
     """TensorBoard images of learned concept functions and activation maps (see module doc).
 
     Args:
@@ -215,14 +216,8 @@ class ConceptImages(ScheduledCallback):
         self.samples = None
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def after_validation_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int
     ) -> None:
         if self.samples is None and dataloader_idx == 0:
             x = as_tensor(batch)

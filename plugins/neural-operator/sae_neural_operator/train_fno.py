@@ -22,7 +22,7 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -227,17 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_config = FNOConfig(
         width=args.width, modes=args.modes, n_layers=args.layers, projection=args.projection
     )
-    settings = TrainSettings(
-        resolution=args.resolution,
-        test_factor=args.test_factor,
-        train_samples=args.train_samples,
-        test_samples=args.test_samples,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
+    # Each TrainSettings field has the option of the same name.
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     try:
         results = run(
             args.out,
