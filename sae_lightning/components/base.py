@@ -11,7 +11,7 @@ end let a plugin compute batch statistics over the global batch when it trains u
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Generic, Literal, NamedTuple, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
@@ -132,10 +132,19 @@ class Touched(NamedTuple):
     """The dimension ``index`` selects along."""
 
 
-class Plugin:
-    """Mixin of every plugin: a pydantic ``Config`` and a one-line docstring description."""
+ConfigT = TypeVar("ConfigT", bound=PluginConfig)
+
+
+class Plugin(Generic[ConfigT]):
+    """Mixin of every plugin: a pydantic ``Config`` and a one-line docstring description.
+
+    A plugin names its config once, as the type argument (``class Mine(Decoder[MineConfig])``):
+    that types ``self.config`` and sets ``Config``, the model the registry validates parameters
+    with. ``Config = MineConfig`` in the class body still works, and wins.
+    """
 
     Config: ClassVar[type[PluginConfig]] = PluginConfig
+    config: ConfigT
     state_version: ClassVar[int] = 1
     """Bump when the meaning or layout of the plugin's state changes; an older checkpoint then
     loads only through :attr:`migrate_state` (see :mod:`sae_lightning.versioning`)."""
@@ -144,8 +153,18 @@ class Plugin:
     dict (keys relative to the plugin) written at ``from_version``, rewritten for
     :attr:`state_version`. None (the default): older checkpoints are refused."""
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" in cls.__dict__:
+            return
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            for arg in get_args(base):
+                if isinstance(arg, type) and issubclass(arg, PluginConfig):
+                    cls.Config = arg
+                    return
 
-class Encoder(Plugin, nn.Module):
+
+class Encoder(Plugin[ConfigT], nn.Module):
     """Maps inputs ``(batch, d_in)`` to pre-activations ``(batch, d_sae)``.
 
     Attributes:
@@ -162,7 +181,7 @@ class Encoder(Plugin, nn.Module):
     through them on a sparsity plugin's fused path; False when it builds them (e.g. a dense
     matrix out of a sparse parameterisation), which only export and evaluation then read."""
 
-    def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
+    def __init__(self, config: ConfigT, *, d_in: int, d_sae: int) -> None:
         super().__init__()
         self.config = config
         self.d_in = d_in
@@ -234,7 +253,7 @@ class Encoder(Plugin, nn.Module):
         raise NotImplementedError(f"encoder {type(self).__name__} does not implement resample_rows")
 
 
-class Decoder(Plugin, nn.Module):
+class Decoder(Plugin[ConfigT], nn.Module):
     """Maps codes to reconstructions ``(batch, d_in)`` through a dictionary of ``d_sae`` atoms.
 
     Attributes:
@@ -243,7 +262,7 @@ class Decoder(Plugin, nn.Module):
 
     b_dec: nn.Parameter
 
-    def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
+    def __init__(self, config: ConfigT, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
         super().__init__()
         self.config = config
         self.d_in = d_in
@@ -299,7 +318,7 @@ class Decoder(Plugin, nn.Module):
         """Restore constraints after the optimizer step (e.g. unit-norm atoms)."""
 
 
-class SparsityFn(Plugin, nn.Module):
+class SparsityFn(Plugin[ConfigT], nn.Module):
     """Turns pre-activations into sparse codes plus penalty terms.
 
     Attributes:
@@ -311,7 +330,7 @@ class SparsityFn(Plugin, nn.Module):
 
     functional: bool = False
 
-    def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
+    def __init__(self, config: ConfigT, *, d_in: int, d_sae: int) -> None:
         super().__init__()
         self.config = config
         self.d_in = d_in

@@ -20,11 +20,8 @@ class MLPEncoderConfig(PluginConfig):
     hidden: int = Field(64, gt=0, description="width of the hidden layer")
 
 
-class MLPEncoder(Encoder):
+class MLPEncoder(Encoder[MLPEncoderConfig]):
     """Two-layer encoder W_2 relu(W_1 x + b_1) + b_2 (not affine: weight() is None)."""
-
-    Config = MLPEncoderConfig
-    config: MLPEncoderConfig
 
     def __init__(self, config: MLPEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)

@@ -20,11 +20,8 @@ class ScaledDecoderConfig(PluginConfig):
     init_gain: float = Field(1.0, gt=0, description="initial gain of every atom")
 
 
-class ScaledDecoder(Decoder):
+class ScaledDecoder(Decoder[ScaledDecoderConfig]):
     """Atoms g_j * v_j: a unit direction v_j and a learned gain g_j > 0 per latent."""
-
-    Config = ScaledDecoderConfig
-    config: ScaledDecoderConfig
 
     def __init__(
         self, config: ScaledDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder

@@ -27,11 +27,8 @@ class SoftThresholdConfig(PluginConfig):
     l1_coefficient: float = Field(0.0, ge=0, description="optional L1 penalty on the codes")
 
 
-class SoftThreshold(SparsityFn):
+class SoftThreshold(SparsityFn[SoftThresholdConfig]):
     """Soft thresholding ReLU(z - threshold), optionally with an L1 penalty."""
-
-    Config = SoftThresholdConfig
-    config: SoftThresholdConfig
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         acts = torch.relu(pre_acts - self.config.threshold)  # (batch, d_sae)

@@ -24,11 +24,8 @@ class LinearDecoderConfig(PluginConfig):
     )
 
 
-class LinearDecoder(Decoder):
+class LinearDecoder(Decoder[LinearDecoderConfig]):
     """Dense dictionary W_dec with unit-norm atoms and radial-gradient projection."""
-
-    Config = LinearDecoderConfig
-    config: LinearDecoderConfig
 
     def __init__(
         self, config: LinearDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder

@@ -17,11 +17,8 @@ class TiedDecoderConfig(PluginConfig):
     )
 
 
-class TiedDecoder(Decoder):
+class TiedDecoder(Decoder[TiedDecoderConfig]):
     """Tied weights: atoms are the (row-normalised) encoder rows, W_dec = W_enc^T."""
-
-    Config = TiedDecoderConfig
-    config: TiedDecoderConfig
 
     def __init__(
         self, config: TiedDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder

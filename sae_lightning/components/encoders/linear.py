@@ -19,11 +19,8 @@ class LinearEncoderConfig(PluginConfig):
     )
 
 
-class LinearEncoder(Encoder):
+class LinearEncoder(Encoder[LinearEncoderConfig]):
     """Affine encoder W_enc x + b_enc, optionally centring inputs by the decoder bias."""
-
-    Config = LinearEncoderConfig
-    config: LinearEncoderConfig
 
     def __init__(self, config: LinearEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)

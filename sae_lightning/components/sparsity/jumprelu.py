@@ -85,11 +85,8 @@ class JumpReLUConfig(PluginConfig):
     )
 
 
-class JumpReLU(SparsityFn):
+class JumpReLU(SparsityFn[JumpReLUConfig]):
     """JumpReLU: learned thresholds, straight-through (rectangle kernel) gradients, L0 penalty."""
-
-    Config = JumpReLUConfig
-    config: JumpReLUConfig
 
     def __init__(self, config: JumpReLUConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)

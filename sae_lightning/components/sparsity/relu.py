@@ -31,11 +31,8 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
-class ReLUL1(SparsityFn):
+class ReLUL1(SparsityFn[ReLUL1Config]):
     """ReLU activations with an L1 penalty, optionally weighted by decoder norms and warmed up."""
-
-    Config = ReLUL1Config
-    config: ReLUL1Config
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         acts = torch.relu(pre_acts)  # (batch, d_sae)
