@@ -108,3 +108,65 @@ def test_core_plugins_declare_their_peer_mapping() -> None:
             assert peer.activation == want and peer.threshold.shape == (10,)
         else:
             assert peer == want
+
+
+class _GainConfig(PluginConfig):
+    gain: float = 1.0
+
+
+class _WideGainConfig(_GainConfig):
+    width: int = 2
+
+
+class _Gain(SparsityFn[_GainConfig]):
+    def forward(self, pre_acts, *, step, decoder):
+        from sae_lightning.components.base import Codes, SparsityOutput
+
+        return SparsityOutput(Codes(pre_acts * self.config.gain, None, self.d_sae), {})
+
+
+def test_config_follows_from_the_type_argument() -> None:
+    """``SparsityFn[X]`` sets ``Config = X``; a class-body ``Config`` wins; subclasses inherit."""
+    from sae_lightning.components.base import ConfigT
+
+    class Explicit(SparsityFn[_GainConfig]):
+        Config = _WideGainConfig
+
+    class Refined(_Gain):
+        Config = _WideGainConfig
+
+    class OpenBase(SparsityFn[ConfigT]):
+        pass
+
+    class FromOpenBase(OpenBase[_WideGainConfig]):
+        pass
+
+    class Inherited(_Gain):
+        pass
+
+    assert _Gain.Config is _GainConfig and Inherited.Config is _GainConfig
+    assert Explicit.Config is _WideGainConfig and Refined.Config is _WideGainConfig
+    assert OpenBase.Config is PluginConfig and FromOpenBase.Config is _WideGainConfig
+    assert _Relu.Config is PluginConfig
+    plugin = _Gain(_Gain.Config.model_validate({"gain": 2.0}), d_in=3, d_sae=3)
+    out = plugin(torch.ones(1, 3), step=0, decoder=None)  # type: ignore[arg-type]
+    assert out.codes.values.tolist() == [[2.0, 2.0, 2.0]]
+
+
+def test_registered_plugins_name_their_own_config() -> None:
+    """Every built-in plugin converted to the generic form still validates with its own model."""
+    from sae_lightning.components.decoders.linear import LinearDecoder, LinearDecoderConfig
+    from sae_lightning.components.decoders.tied import TiedDecoder, TiedDecoderConfig
+    from sae_lightning.components.encoders.linear import LinearEncoder, LinearEncoderConfig
+    from sae_lightning.components.sparsity.jumprelu import JumpReLU, JumpReLUConfig
+    from sae_lightning.components.sparsity.relu import ReLUL1, ReLUL1Config
+
+    pairs = [
+        (LinearDecoder, LinearDecoderConfig),
+        (TiedDecoder, TiedDecoderConfig),
+        (LinearEncoder, LinearEncoderConfig),
+        (JumpReLU, JumpReLUConfig),
+        (ReLUL1, ReLUL1Config),
+    ]
+    for cls, config in pairs:
+        assert cls.Config is config, cls.__name__

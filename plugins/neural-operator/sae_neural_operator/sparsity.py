@@ -116,11 +116,9 @@ def joint_topk_mask(
     return (point_mask & concept_mask.unsqueeze(2)).view_as(acts)
 
 
-class JointTopK(SparsityFn):
+class JointTopK(SparsityFn[JointTopKConfig]):
     """Joint TopK: the k concepts of largest L2 norm, each on its top fraction of the domain."""
 
-    Config = JointTopKConfig
-    config: JointTopKConfig
     functional = True
 
     def __init__(self, config: JointTopKConfig, *, d_in: int, d_sae: int) -> None:

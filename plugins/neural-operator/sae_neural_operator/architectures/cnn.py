@@ -78,7 +78,7 @@ def circular_convolve(z: Tensor, kernels: Tensor) -> Tensor:
     return circular_correlate(z, kernels.transpose(0, 1).flip(spatial), flipped=True)
 
 
-class CNNEncoder(FunctionEncoder):
+class CNNEncoder(FunctionEncoder[CNNEncoderConfig]):
     """SAE-CNN encoder: concept maps z_j = (w_j correlated with u) + b_j, kernel in grid units.
 
     ``pre_j[n] = sum_{c, m} W_enc[j, c, m] u_c[n + m - K//2] + b_enc[j]`` (indices mod N): a
@@ -88,8 +88,6 @@ class CNNEncoder(FunctionEncoder):
     Returns ``(B, p, *grid)``.
     """
 
-    Config = CNNEncoderConfig
-    config: CNNEncoderConfig
     kind = "cnn"
 
     def __init__(self, config: CNNEncoderConfig, *, d_in: int, d_sae: int) -> None:
@@ -118,7 +116,7 @@ class CNNDecoderConfig(FunctionDecoderConfig):
     )
 
 
-class CNNDecoder(FunctionDecoder):
+class CNNDecoder(FunctionDecoder[CNNDecoderConfig]):
     """SAE-CNN decoder: u_hat = sum_j w_j * z_j + b_dec, a circular convolution in grid units.
 
     ``u_hat_c[n] = sum_{j, m} W_dec[j, c, m] z_j[n - (m - K//2)] + b_dec[c]`` (indices mod N):
@@ -129,8 +127,6 @@ class CNNDecoder(FunctionDecoder):
     origin), i.e. ``|N| w_j`` placed at its offsets; unit norm applies to the kernel as a vector.
     """
 
-    Config = CNNDecoderConfig
-    config: CNNDecoderConfig
     convolutional = True
     kind = "cnn"
 

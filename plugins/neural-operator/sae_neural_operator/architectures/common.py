@@ -9,13 +9,13 @@ or 2) on a uniform grid, as in :mod:`sae_lightning.functional`: a batch is
 from __future__ import annotations
 
 import math
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae_lightning.components.base import Codes, Decoder, Encoder
+from sae_lightning.components.base import Codes, ConfigT, Decoder, Encoder
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.functional import quadrature_weight
@@ -112,7 +112,7 @@ def lifting_width(requested: int | None, minimum: int, inherited: int | None = N
 # ---- encoders --------------------------------------------------------------------------------
 
 
-class FunctionEncoder(Encoder):
+class FunctionEncoder(Encoder[ConfigT]):
     """Base of the function encoders: inputs are ``(B, C, *grid)``, never centred.
 
     ``kind`` is the registered name, for messages. The lifted variants override :meth:`_lift`,
@@ -133,7 +133,7 @@ def unit_functions(n: int, grid: tuple[int, ...], channels: int) -> Tensor:
     return w / w.norm(dim=1, keepdim=True) * math.sqrt(1.0 / quadrature_weight(grid))
 
 
-class FlatFunctionEncoder(FunctionEncoder):
+class FlatFunctionEncoder(FunctionEncoder[ConfigT]):
     """Vector codes on the flattened training grid: ``pre = w W_enc lift(vec(u)) + b_enc``.
 
     The base sets ``grid`` (the config's) and ``flat_dim`` ``m = C |N|``; subclasses set
@@ -143,7 +143,7 @@ class FlatFunctionEncoder(FunctionEncoder):
     W_enc: nn.Parameter
     b_enc: nn.Parameter
 
-    def __init__(self, config: PluginConfig, *, d_in: int, d_sae: int) -> None:
+    def __init__(self, config: ConfigT, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         self.grid: tuple[int, ...] = tuple(config.grid)
         self.flat_dim = d_in * math.prod(self.grid)
@@ -173,7 +173,10 @@ class FunctionDecoderConfig(PluginConfig):
     )
 
 
-class FunctionDecoder(Decoder):
+DecoderConfigT = TypeVar("DecoderConfigT", bound=FunctionDecoderConfig)
+
+
+class FunctionDecoder(Decoder[DecoderConfigT]):
     """Base of the function decoders: concept functions, a per-channel bias, unit-norm atoms.
 
     ``kind`` is the registered name, for messages. Subclasses give :meth:`atom_norms` and
@@ -181,13 +184,10 @@ class FunctionDecoder(Decoder):
     step when the config's ``unit_norm`` is set.
     """
 
-    config: FunctionDecoderConfig
     convolutional: ClassVar[bool] = False
     kind: ClassVar[str] = "function"
 
-    def __init__(
-        self, config: FunctionDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
-    ) -> None:
+    def __init__(self, config: DecoderConfigT, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
@@ -245,7 +245,7 @@ def encoder_grid(config_grid: tuple[int, ...] | None, encoder: Encoder) -> tuple
     return tuple(grid)
 
 
-class FlatFunctionDecoder(FunctionDecoder):
+class FlatFunctionDecoder(FunctionDecoder[DecoderConfigT]):
     """Vector codes, concepts stored flattened on the training grid: ``atoms()`` row ``j`` is
     ``vec(d_j)`` ``(C |N|)``, and the concepts exist only at that grid.
 
@@ -253,9 +253,7 @@ class FlatFunctionDecoder(FunctionDecoder):
     subclasses give :meth:`_decode_flat`.
     """
 
-    def __init__(
-        self, config: FunctionDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder
-    ) -> None:
+    def __init__(self, config: DecoderConfigT, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae, encoder=encoder)
         self.grid = encoder_grid(config.grid, encoder)
         self.flat_dim = d_in * math.prod(self.grid)

@@ -69,7 +69,7 @@ def _spectral_layer(config: FNOEncoderConfig, in_channels: int, out_channels: in
     return layer
 
 
-class FNOEncoder(FunctionEncoder):
+class FNOEncoder(FunctionEncoder[FNOEncoderConfig]):
     """SAE-FNO encoder: concept maps z_j = SC^M_{C->p}(u)_j (+ (W u)_j) + b_j.
 
     ``pre_j(t) = sum_c int kappa_{c,j}(s) u_c(t - s) ds [+ sum_c W_{j,c} u_c(t)] + b_enc[j]``:
@@ -82,8 +82,6 @@ class FNOEncoder(FunctionEncoder):
     expected L2 norm). Returns ``(B, p, *grid)``.
     """
 
-    Config = FNOEncoderConfig
-    config: FNOEncoderConfig
     kind = "fno"
 
     def __init__(self, config: FNOEncoderConfig, *, d_in: int, d_sae: int) -> None:
@@ -166,7 +164,7 @@ def _matched_weight(encoder: Encoder, layer: SpectralConv) -> Tensor | None:
     return w
 
 
-class FNODecoder(FunctionDecoder):
+class FNODecoder(FunctionDecoder[FNODecoderConfig]):
     """SAE-FNO decoder: u_hat = SC^M_{p->C}(z) + b_dec = sum_j d_j * z_j + b_dec.
 
     ``u_hat_c(t) = sum_j int d_{j,c}(s) z_j(t - s) ds + b_dec[c]`` with band-limited concept
@@ -175,8 +173,6 @@ class FNODecoder(FunctionDecoder):
     the ``d_j`` on the smallest exact grid (``2 M`` per axis, or the full-mode grid).
     """
 
-    Config = FNODecoderConfig
-    config: FNODecoderConfig
     convolutional = True
     kind = "fno"
 

@@ -31,7 +31,7 @@ class LiftedEncoderConfig(PluginConfig):
     )
 
 
-class LiftedEncoder(FlatFunctionEncoder):
+class LiftedEncoder(FlatFunctionEncoder[LiftedEncoderConfig]):
     """L-SAE encoder: z = W_e P x + b_e with a learned lifting P (h x m, h >= m).
 
     ``x = vec(u)`` in ``R^m`` (``m = C |N|``), ``pre = w W_enc (P x) + b_enc`` with
@@ -43,8 +43,6 @@ class LiftedEncoder(FlatFunctionEncoder):
     effective encoder starts as exactly an SAE-MLP's (``W_enc P = E``).
     """
 
-    Config = LiftedEncoderConfig
-    config: LiftedEncoderConfig
     kind = "lifted"
 
     def __init__(self, config: LiftedEncoderConfig, *, d_in: int, d_sae: int) -> None:
@@ -75,7 +73,7 @@ class LiftedDecoderConfig(FunctionDecoderConfig):
     )
 
 
-class LiftedDecoder(FlatFunctionDecoder):
+class LiftedDecoder(FlatFunctionDecoder[LiftedDecoderConfig]):
     """L-SAE decoder: u_hat = Q W_d z + b_dec with a learned projection Q (m x h).
 
     ``W_dec`` ``(h, p)`` and ``Q`` ``(m, h)``: concept ``j``'s function is column ``j`` of the
@@ -84,8 +82,6 @@ class LiftedDecoder(FlatFunctionDecoder):
     (``Q = P^T``, ``Q W_dec = (W_enc P)^T`` normalised); unit norm applies to ``Q W_dec``.
     """
 
-    Config = LiftedDecoderConfig
-    config: LiftedDecoderConfig
     kind = "lifted"
 
     def __init__(

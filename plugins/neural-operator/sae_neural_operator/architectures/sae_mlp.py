@@ -25,7 +25,7 @@ class MLPFunctionEncoderConfig(PluginConfig):
     )
 
 
-class MLPFunctionEncoder(FlatFunctionEncoder):
+class MLPFunctionEncoder(FlatFunctionEncoder[MLPFunctionEncoderConfig]):
     """SAE-MLP encoder: z_j = <e_j, u> + b_j on the flattened grid (vector codes, one grid).
 
     ``pre_j = w sum_{c,n} e_j[c, n] u[c, n] + b_enc[j]``: the standard affine SAE encoder on
@@ -34,8 +34,6 @@ class MLPFunctionEncoder(FlatFunctionEncoder):
     ``W_enc`` ``(p, C |N|)`` start as random functions of unit L2 norm.
     """
 
-    Config = MLPFunctionEncoderConfig
-    config: MLPFunctionEncoderConfig
     kind = "sae_mlp"
 
     def __init__(self, config: MLPFunctionEncoderConfig, *, d_in: int, d_sae: int) -> None:
@@ -52,15 +50,13 @@ class MLPFunctionDecoderConfig(FunctionDecoderConfig):
     )
 
 
-class MLPFunctionDecoder(FlatFunctionDecoder):
+class MLPFunctionDecoder(FlatFunctionDecoder[MLPFunctionDecoderConfig]):
     """SAE-MLP decoder: u_hat = sum_j z_j d_j + b_dec with d_j stored on the training grid.
 
     ``W_dec`` ``(p, C |N|)`` holds ``vec(d_j)`` per row; the output is reshaped to
     ``(B, C, *grid)``. Sparse TopK codes decode by gathering ``k`` rows.
     """
 
-    Config = MLPFunctionDecoderConfig
-    config: MLPFunctionDecoderConfig
     kind = "sae_mlp"
 
     def __init__(
