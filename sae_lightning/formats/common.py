@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from sae_lightning.components.base import Codes
@@ -280,69 +278,3 @@ def build_sae(
     sae.to(work)
     sae.load_state_dict({k: v.to(work).contiguous() for k, v in state.items()}, strict=True)
     return sae.to(dtype).eval()
-
-
-def check_shapes(where: str, tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]):
-    """Raise FormatError naming every missing tensor or wrong shape in ``tensors``."""
-    missing = sorted(set(expected) - set(tensors))
-    wrong = [
-        f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-        for name, shape in expected.items()
-        if name in tensors and tuple(tensors[name].shape) != shape
-    ]
-    if missing or wrong:
-        problems = ([f"missing tensors {missing}"] if missing else []) + wrong
-        raise FormatError(f"{where}: " + "; ".join(problems))
-
-
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file on the CPU: float64 kept, other floats as float32."""
-    with safe_open(str(path), framework="pt") as fh:
-        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
-    return {k: v if v.dtype == torch.float64 else v.float() for k, v in tensors.items()}
-
-
-def weights_dtype(path: Path) -> torch.dtype:
-    """The dtype of the first floating tensor in a safetensors file (float32 when none)."""
-    with safe_open(str(path), framework="pt") as fh:
-        for name in fh.keys():  # noqa: SIM118
-            dtype = fh.get_slice(name).get_dtype()
-            found = _SAFETENSORS_DTYPES.get(dtype)
-            if found is not None:
-                return found
-    return torch.float32
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-
-
-def read_sae_directory(
-    path: str | Path, config_file: str, weights_file: str, hint: str
-) -> tuple[Path, Path, dict[str, Any], dict[str, Tensor]]:
-    """``(directory, config path, config, tensors)`` of a peer library's SAE directory.
-
-    Args:
-        path: the directory, or a file in it.
-        config_file, weights_file: the two file names the format requires.
-        hint: what the directory is, for the error message (e.g. "an SAELens SAE directory").
-
-    Raises:
-        FileNotFoundError: a file is missing; the message names both files.
-    """
-    import json
-
-    base = Path(path)
-    if base.is_file():
-        base = base.parent
-    cfg_path, weights_path = base / config_file, base / weights_file
-    for needed in (cfg_path, weights_path):
-        if not needed.is_file():
-            raise FileNotFoundError(
-                f"{needed} not found; {hint} holds both {config_file} and {weights_file}"
-            )
-    return base, cfg_path, json.loads(cfg_path.read_text()), read_tensors(weights_path)

@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae_lightning._version import __version__
-from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.errors import ConfigError, SaeLightningError
+from sae_lightning.formats.files import SAEFiles, write_sae_files
 from sae_lightning.spec import SAESpec
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae_config.json"
+FILES = SAEFiles(CONFIG_FILE, WEIGHTS_FILE, "a directory written by export_sae")
 CONFIG_KEY = "sae_lightning_config"
 """safetensors metadata key holding the same JSON as ``sae_config.json``."""
 FORMAT_VERSION = 1
@@ -36,18 +37,12 @@ def export_sae(sae: torch.nn.Module, directory: str | os.PathLike[str], **extra:
     rebuilds the SAE through the registry; ``extra`` entries (e.g. plugin versions, the input
     scale) are stored alongside. Tensors keep their dtype.
     """
-    out = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     config = {"format_version": FORMAT_VERSION, "sae_lightning_version": __version__}
     config.update(sae.config_dict())
     config.update(extra)
-    text = json.dumps(config, indent=2) + "\n"
-    # The weights file carries its own config, so it is self-consistent even if a crash falls
-    # between the two writes; sae_config.json is the human-readable copy.
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: text})
-    atomic_write_text(out / CONFIG_FILE, text)
-    return out
+    # The weights file carries its own config; sae_config.json is the human-readable copy.
+    return write_sae_files(directory, FILES, config, tensors, embed_key=CONFIG_KEY)
 
 
 def embeds_config(weights: Path) -> bool:

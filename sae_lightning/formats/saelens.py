@@ -12,28 +12,21 @@ have no place in them and are not written.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.formats.common import (
     AffineSAE,
     FormatError,
     UnsupportedArchitectureError,
     affine_parts,
-    build_sae,
-    check_shapes,
-    read_sae_directory,
-    weights_dtype,
 )
+from sae_lightning.formats.files import SAEFiles, check_tensors, load_affine_sae, write_sae_files
 
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+FILES = SAEFiles("cfg.json", "sae_weights.safetensors", "an SAELens SAE directory")
 LAYOUT_VERSION = "6.0.0"
 """Written as ``metadata.sae_lens_version``: SAELens reads configs older than 6.0 through a
 legacy converter, so this marks the file as the 6.x layout it follows."""
@@ -57,7 +50,6 @@ def export_saelens(
         UnsupportedArchitectureError: the SAE has no exact SAELens equivalent.
     """
     parts = affine_parts(sae, "SAELens")
-    out = Path(directory)
     tensors = {
         "W_enc": parts.W_enc.t().contiguous(),  # SAELens: (d_in, d_sae)
         "b_enc": parts.b_enc,
@@ -83,10 +75,7 @@ def export_saelens(
         config["k"] = parts.k
         config["rescale_acts_by_decoder_norm"] = False
     config["sae_lightning"] = _provenance(sae, provenance)
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    return out
+    return write_sae_files(directory, FILES, config, tensors)
 
 
 def _provenance(sae: torch.nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
@@ -119,12 +108,7 @@ def load_saelens(
         UnsupportedArchitectureError: the architecture or a setting has no equivalent here.
         FormatError: the files are inconsistent.
     """
-    base, cfg_path, config, tensors = read_sae_directory(
-        path, CONFIG_FILE, WEIGHTS_FILE, "an SAELens SAE directory"
-    )
-    parts = saelens_parts(config, tensors, where=str(base))
-    dtype = dtype or weights_dtype(base / WEIGHTS_FILE)
-    return build_sae(parts, where=str(cfg_path), dtype=dtype).to(device)
+    return load_affine_sae(path, FILES, saelens_parts, device, dtype)
 
 
 def _architecture(config: dict[str, Any]) -> str:
@@ -171,7 +155,7 @@ def saelens_parts(
     try:
         d_in, d_sae = int(config["d_in"]), int(config["d_sae"])
     except KeyError as err:
-        raise FormatError(f"{where}/{CONFIG_FILE}: missing key {err}") from None
+        raise FormatError(f"{where}/{FILES.config}: missing key {err}") from None
     tensors = dict(tensors)
     if "log_threshold" in tensors and "threshold" not in tensors:  # older JumpReLU files
         tensors["threshold"] = tensors.pop("log_threshold").exp()
@@ -183,21 +167,15 @@ def saelens_parts(
     ]
     if len(scales) > 1:
         raise FormatError(
-            f"{where}/{WEIGHTS_FILE}: both finetuning_scaling_factor and "
+            f"{where}/{FILES.weights}: both finetuning_scaling_factor and "
             "scaling_factor are present; keep one"
         )
     scale = scales[0] if scales else None
-    check_shapes(f"{where}/{WEIGHTS_FILE}", tensors, expected)
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise UnsupportedArchitectureError(
-            f"{where}/{WEIGHTS_FILE}: tensors {unexpected} have no equivalent in a "
-            f"'{arch}' SAE here"
-        )
+    check_tensors(f"{where}/{FILES.weights}", tensors, expected, f"a '{arch}' SAE")
     W_dec = tensors["W_dec"]
     if scale is not None and tuple(scale.shape) != (d_sae,):
         raise FormatError(
-            f"{where}/{WEIGHTS_FILE}: the scaling factor has shape {tuple(scale.shape)}, "
+            f"{where}/{FILES.weights}: the scaling factor has shape {tuple(scale.shape)}, "
             f"expected ({d_sae},)"
         )
     if scale is not None:  # decode(f) = (f * scale) @ W_dec = f @ (scale[:, None] * W_dec)

@@ -12,28 +12,25 @@ not centre its inputs is exported with that centring folded into ``encoder.bias`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from sae_lightning.atomic import atomic_path, atomic_write_text
 from sae_lightning.formats.common import (
     AffineSAE,
     FormatError,
     UnsupportedArchitectureError,
     affine_parts,
-    build_sae,
-    check_shapes,
-    read_sae_directory,
-    weights_dtype,
 )
+from sae_lightning.formats.files import SAEFiles, check_tensors, load_affine_sae, write_sae_files
 
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae.safetensors"
+FILES = SAEFiles(
+    "cfg.json",
+    "sae.safetensors",
+    "a sparsify SAE directory (pass the hookpoint folder, e.g. layers.6)",
+)
 
 
 def export_sparsify(sae: torch.nn.Module, directory: str | os.PathLike[str]) -> Path:
@@ -71,11 +68,7 @@ def export_sparsify(sae: torch.nn.Module, directory: str | os.PathLike[str]) -> 
         "W_dec": parts.W_dec,
         "b_dec": parts.b_dec,
     }
-    out = Path(directory)
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    return out
+    return write_sae_files(directory, FILES, config, tensors)
 
 
 def load_sparsify(
@@ -97,15 +90,7 @@ def load_sparsify(
             activation, which have no equivalent here.
         FormatError: the files are inconsistent.
     """
-    base, cfg_path, config, tensors = read_sae_directory(
-        path,
-        CONFIG_FILE,
-        WEIGHTS_FILE,
-        "a sparsify SAE directory (pass the hookpoint folder, e.g. layers.6)",
-    )
-    parts = sparsify_parts(config, tensors, where=str(base))
-    dtype = dtype or weights_dtype(base / WEIGHTS_FILE)
-    return build_sae(parts, where=str(cfg_path), dtype=dtype).to(device)
+    return load_affine_sae(path, FILES, sparsify_parts, device, dtype)
 
 
 def sparsify_parts(
@@ -121,11 +106,11 @@ def sparsify_parts(
     ):
         value = config.get(key, allowed)
         if value != allowed:
-            raise UnsupportedArchitectureError(f"{where}/{CONFIG_FILE}: {key}={value!r}: {why}")
+            raise UnsupportedArchitectureError(f"{where}/{FILES.config}: {key}={value!r}: {why}")
     try:
         d_in = int(config["d_in"])
     except KeyError:
-        raise FormatError(f"{where}/{CONFIG_FILE}: missing key 'd_in'") from None
+        raise FormatError(f"{where}/{FILES.config}: missing key 'd_in'") from None
     d_sae = int(config.get("num_latents") or 0) or d_in * int(config.get("expansion_factor", 32))
     expected = {
         "encoder.weight": (d_sae, d_in),
@@ -133,12 +118,7 @@ def sparsify_parts(
         "W_dec": (d_sae, d_in),
         "b_dec": (d_in,),
     }
-    check_shapes(f"{where}/{WEIGHTS_FILE}", tensors, expected)
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise UnsupportedArchitectureError(
-            f"{where}/{WEIGHTS_FILE}: tensors {unexpected} have no equivalent here"
-        )
+    check_tensors(f"{where}/{FILES.weights}", tensors, expected, "a sparsify TopK SAE")
     return AffineSAE(
         tensors["encoder.weight"].contiguous(),
         tensors["encoder.bias"],
