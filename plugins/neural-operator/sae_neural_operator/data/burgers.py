@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
+from sae_neural_operator.data.generator import PDEGenerator
 
 _STABILITY = 2.8  # explicit stability bound of ETDRK4 on the imaginary axis (about 2.8)
 
@@ -115,14 +116,10 @@ def solve_burgers(u0: Tensor, viscosity: float, final_time: float, dt: float) ->
     return torch.fft.irfft(v, n=n)
 
 
-class Burgers:
+class Burgers(PDEGenerator[BurgersConfig]):
     """Generates Burgers samples: ``noise`` draws one sample's randomness, ``solve`` renders."""
 
     dims = 1
-    fields = ("input", "solution")
-
-    def __init__(self, config: BurgersConfig) -> None:
-        self.config = config
 
     def noise(self, generator: torch.Generator) -> Tensor:
         """``(2, modes)`` float64 standard normal cosine/sine coefficients of ``u_0``."""

@@ -44,6 +44,7 @@ from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
 from sae_lightning.config import PluginConfig
+from sae_neural_operator.data.generator import PDEGenerator
 
 FaceAverage = Literal["harmonic", "arithmetic"]
 
@@ -66,14 +67,10 @@ class DarcyConfig(PluginConfig):
     )
 
 
-class Darcy:
+class Darcy(PDEGenerator[DarcyConfig]):
     """Generates Darcy samples: ``noise`` draws one sample's randomness, ``solve`` renders."""
 
     dims = 2
-    fields = ("input", "solution")
-
-    def __init__(self, config: DarcyConfig) -> None:
-        self.config = config
 
     def noise(self, generator: torch.Generator) -> Tensor:
         """``(modes, modes)`` float64 standard normal GRF coefficients of one sample."""

@@ -38,6 +38,7 @@ from torch import Tensor
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_neural_operator.data.functions import fourier_on_grid, frequencies
+from sae_neural_operator.data.generator import PDEGenerator
 
 
 class NavierStokesConfig(PluginConfig):
@@ -110,14 +111,13 @@ def solve_navier_stokes(
     return torch.fft.irfft2(w_h, s=(n, n))
 
 
-class NavierStokes:
+class NavierStokes(PDEGenerator[NavierStokesConfig]):
     """Generates vorticity samples: ``noise`` draws one sample's randomness, ``solve`` renders."""
 
     dims = 2
-    fields = ("input", "solution")
 
     def __init__(self, config: NavierStokesConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.freqs = frequencies(config.modes, 2)  # (F, 2), Hermitian pairs
 
     def noise(self, generator: torch.Generator) -> Tensor:

@@ -54,6 +54,7 @@ from sae_neural_operator.data import cache
 from sae_neural_operator.data.burgers import Burgers, BurgersConfig
 from sae_neural_operator.data.darcy import Darcy, DarcyConfig
 from sae_neural_operator.data.functions import Grid
+from sae_neural_operator.data.generator import PDEGenerator
 from sae_neural_operator.data.loaders import load_fields
 from sae_neural_operator.data.navier_stokes import NavierStokes, NavierStokesConfig
 
@@ -147,7 +148,7 @@ class PDEFieldConfig(PluginConfig):
         return self.solve_resolution or max(self.resolutions)
 
 
-def make_generator(config: PDEFieldConfig) -> Darcy | Burgers | NavierStokes:
+def make_generator(config: PDEFieldConfig) -> PDEGenerator:
     """The generator of ``config.equation`` (not ``file``)."""
     if config.equation == "darcy":
         return Darcy(config.darcy)
@@ -200,14 +201,14 @@ def generate_split(
     generator = make_generator(config)
     solve = config.solve_at
     parts: dict[int, dict[str, list[Tensor]]] = {
-        r: {"input": [], "solution": []} for r in resolutions
+        r: {name: [] for name in generator.fields} for r in resolutions
     }
     for start in range(0, n, config.generation_batch):
         stop = min(n, start + config.generation_batch)
         noise = torch.stack(
             [generator.noise(seeded_generator(seed, split, i)) for i in range(start, stop)]
         )
-        fields = dict(zip(("input", "solution"), generator.solve(noise, solve), strict=True))
+        fields = dict(zip(generator.fields, generator.solve(noise, solve), strict=True))
         for r in resolutions:
             for name, value in fields.items():
                 parts[r][name].append(_subsample(value[:, None], solve // r).float())
