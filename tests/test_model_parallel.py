@@ -60,7 +60,7 @@ def four_ranks(tmp_path_factory) -> Path:
     return out
 
 
-MESH_CASES = ["topk+auxk", "batchtopk+auxk", "relu", "jumprelu"]
+MESH_CASES = ["topk+auxk+resample", "batchtopk+auxk+resample", "relu", "jumprelu+resample"]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,10 +104,14 @@ def check_equal(out: Path, world: int, one: dict, case: str) -> None:
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), (step, key)
-    # The dead-latent counters are exact, and the AuxK cases did exercise AuxK.
+    # The dead-latent counters are exact, the AuxK cases did exercise AuxK and the resampler
+    # cases resampled the killed latents (at least), as many as one process did.
     assert torch.equal(ranks[0]["state"]["tokens_since_fired"], one["state"]["tokens_since_fired"])
-    if equivalence.CASES[case].kill:
+    if equivalence.CASES[case].auxk:
         assert max(m["train/loss/auxk"] for m in one["metrics"]) > 0
+    assert all(rank["resampled"] == one["resampled"] for rank in ranks)
+    if equivalence.CASES[case].resampler is not None:
+        assert one["resampled"] >= equivalence.N_KILLED
 
 
 @pytest.mark.parametrize("case", ["topk", "batchtopk"])

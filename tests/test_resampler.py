@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from safetensors.torch import load_file
 
-from sae_lightning.callbacks import resampling
+from sae_lightning.callbacks import resampling, resampling_init
 from sae_lightning.callbacks.resampling import DeadFeatureResampler, DeadFeatureResamplerConfig
+from sae_lightning.callbacks.resampling_view import LocalView
 from sae_lightning.components.base import Encoder, Touched
 from sae_lightning.components.encoders.linear import LinearEncoder
 from sae_lightning.data.synthetic import SyntheticConfig, SyntheticDataModule
@@ -107,7 +108,7 @@ def test_inputs_are_drawn_in_proportion_to_squared_loss(monkeypatch) -> None:
         m.tokens_since_fired[[0, 1]] = 5  # two dead latents
     candidates = torch.eye(4, D_IN)
     errors = torch.tensor([0.0, 1.0, 0.0, 2.0])  # weights (loss^2): 0, 1, 0, 4
-    monkeypatch.setattr(resampling, "squared_errors", lambda sae, x: errors)
+    monkeypatch.setattr(resampling, "squared_errors", lambda view, x: errors)
     ids, directions, _ = resampler().choose(m, candidates, torch.Generator().manual_seed(0))
     assert ids.tolist() == [0, 1]
     # Without replacement: the two inputs with a nonzero loss, never a zero-loss one.
@@ -304,10 +305,10 @@ def test_threshold_norms_match_a_float64_reference() -> None:
     with torch.no_grad():
         m.sae.decoder.b_dec.normal_(0, 0.1)  # centring matters
     x = torch.randn(200, D_IN)
-    residuals = x - resampling.reconstruct(m.sae, x)
+    residuals = x - resampling_init.reconstruct(m.sae, x)
     directions = torch.nn.functional.normalize(torch.randn(5, D_IN), dim=1)
     mean_alive = torch.tensor(1.3)
-    got = resampling.threshold_norms(m.sae, x, residuals, directions, mean_alive)
+    got = resampling.threshold_norms(LocalView(m), x, residuals, directions, mean_alive)
 
     # Reference: each input joins the direction its residual is most aligned with (if > 0);
     # its threshold is its smallest active latent (0 if none); the norm is the lower median
@@ -341,7 +342,7 @@ def test_live_mean_second_moment() -> None:
         opt.step()
     before = {k: v.clone() for k, v in opt.state[p].items()}
     ids = torch.tensor([1, 4])
-    resampling.reset_optimizer_state([opt], [Touched(p, ids)], second_moment="live_mean")
+    resampling_init.reset_optimizer_state([opt], [Touched(p, ids)], second_moment="live_mean")
     state, keep = opt.state[p], torch.tensor([0, 2, 3, 5])
     assert (state["exp_avg"][ids] == 0).all()
     expected = before["exp_avg_sq"][keep].mean(dim=0)  # per column, over the rows kept

@@ -27,7 +27,11 @@ docs/resampling.md for the measurements.
 Under DDP the inputs of each collected step are all-gathered to rank 0 (in global batch
 order, so the pool is the one a single process would see); rank 0 computes the losses, picks
 the latents and inputs, and broadcasts ids, directions and norm; every rank then applies the
-identical update. Plugins take part through ``Encoder.resample_rows``,
+identical update. Under latent sharding (``trainer.strategy: model_parallel``) the pool takes
+one copy of each data-parallel rank's rows; at a resample it is broadcast, and every rank scores
+it through the sharded forward (:mod:`.resampling_view`: dead masks and row norms gathered from
+the shards), so the draws are those of one process; each rank writes the rows of its own shard
+and resets their Adam state. Plugins take part through ``Encoder.resample_rows``,
 ``Decoder.resample_atoms`` and the optional ``SparsityFn.resample_latents``
 (:mod:`sae_lightning.components.base`); see docs/resampling.md.
 """
@@ -45,12 +49,11 @@ from typing_extensions import override
 
 from sae_lightning.callbacks.batch_end import BatchEndCallback, TrainBatchEnd
 from sae_lightning.callbacks.resampling_init import (
-    reconstruct,
-    reset_optimizer_state,
     residual_clusters,
     squared_errors,
     threshold_norms,
 )
+from sae_lightning.callbacks.resampling_view import resampling_view
 from sae_lightning.components.base import supports_resampling
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
@@ -152,6 +155,7 @@ class DeadFeatureResampler(BatchEndCallback):
         self.total_resampled = 0
         self.last_step = -1
         self._chunks: list[Tensor] = []  # candidate inputs, oldest first (rank 0 only)
+        self._replica_ranks: Tensor | None = None  # see _replicas
         self._is_zero = True
 
     # ---- checks ---------------------------------------------------------------------------
@@ -203,7 +207,7 @@ class DeadFeatureResampler(BatchEndCallback):
         done = end.step + 1  # optimizer steps taken, this batch's included
         target = self._next_resample_step(done)
         x = as_tensor(end.batch)
-        global_rows = x.shape[0] * trainer.world_size
+        global_rows = x.shape[0] * _data_parallel_size(trainer)
         window = -(-self.config.n_candidates // global_rows)  # steps whose inputs we keep
         if target - done < window:
             self._collect(trainer, pl_module, x.detach())
@@ -211,8 +215,8 @@ class DeadFeatureResampler(BatchEndCallback):
             self._resample(trainer, pl_module, done)
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor) -> None:
-        if trainer.world_size > 1:  # (world, B, d_in) -> (world * B, d_in), global batch order
-            x = gather_ranks(x).reshape(-1, x.shape[-1])
+        if trainer.world_size > 1:  # (world, B, d_in) -> (replicas * B, d_in), global batch order
+            x = gather_ranks(x)[self._replicas(trainer, x.device)].reshape(-1, x.shape[-1])
         if not trainer.is_global_zero:
             return
         self._chunks.append(x.clone())
@@ -222,13 +226,34 @@ class DeadFeatureResampler(BatchEndCallback):
         ):
             self._chunks.pop(0)
 
+    def _replicas(self, trainer: pl.Trainer, device: torch.device) -> Tensor | slice:
+        """The ranks whose rows make the global batch, one per data-parallel rank in its order:
+        all of them under DDP; under latent sharding the ranks of a tensor-parallel group hold
+        the same rows, so one of each (found once, with one small all-gather)."""
+        sampler = trainer.distributed_sampler_kwargs
+        if sampler is None or sampler["num_replicas"] == trainer.world_size:
+            return slice(None)
+        if self._replica_ranks is None:
+            ranks = gather_ranks(torch.tensor(sampler["rank"], device=device)).cpu()
+            first = [int((ranks == r).nonzero()[0, 0]) for r in range(sampler["num_replicas"])]
+            self._replica_ranks = torch.tensor(first)
+        return self._replica_ranks
+
     # ---- resampling -----------------------------------------------------------------------
 
     def _resample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         members: dict[str, Any] = pl_module.members()  # type: ignore[operator]
+        views = {name: resampling_view(member) for name, member in members.items()}
+        # A sharded SAE's reads are collectives: then every rank scores the same candidates
+        # (rank 0's, broadcast) and takes the same draws; rank 0's plan is broadcast either way.
+        collective = any(view.collective for view in views.values())
         plan: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
-        if trainer.is_global_zero:
-            candidates = self._candidates(pl_module.device)
+        if collective or trainer.is_global_zero:
+            candidates = self._candidates(torch.device("cpu"))
+            if collective:
+                candidates = trainer.strategy.broadcast(candidates, src=0)
+            if candidates is not None:
+                candidates = candidates.to(pl_module.device)
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
             plan = {
                 name: self.choose(member, candidates, generator) for name, member in members.items()
@@ -238,12 +263,13 @@ class DeadFeatureResampler(BatchEndCallback):
         self._chunks.clear()
         self.n_resamples += 1
         self.last_step = step
-        for name, member in members.items():
+        for name, view in views.items():
             ids, directions, norm = (t.to(pl_module.device) for t in plan[name])
             if norm.ndim == 1:  # one norm per latent: (n, 1) scales the (n, d_in) rows
                 norm = norm.unsqueeze(1)
-            touched = member.resample_latents(ids, directions, norm) if ids.numel() else []
-            reset_optimizer_state(trainer.optimizers, touched, second_moment=self.config.choices[2])
+            if ids.numel():
+                second_moment = self.config.choices[2]
+                view.resample(ids, directions, norm, trainer.optimizers, second_moment)
             self.total_resampled += ids.numel()
             self._log(trainer, pl_module, f"{name}/" if name else "", ids.numel(), step)
 
@@ -271,24 +297,23 @@ class DeadFeatureResampler(BatchEndCallback):
             ``(n_dead,)`` with ``encoder_norm: threshold``. Empty ids when no latent is dead
             or there is nothing to draw from.
         """
-        dead = member.dead_mask(self.config.dead_window_tokens)
+        view = resampling_view(member)
+        dead = view.dead_mask(self.config.dead_window_tokens)
         ids = dead.nonzero().squeeze(1).cpu()
-        d_in = member.sae.d_in
         if ids.numel() == 0 or candidates is None or candidates.shape[0] == 0:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, d_in), torch.zeros(())
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, view.d_in), torch.zeros(())
         direction, encoder_norm, _ = self.config.choices
-        sae = member.sae
-        norms = sae.encoder.row_norms().float()
+        norms = view.row_norms()
         alive = ~dead
         mean_alive = norms[alive].mean() if bool(alive.any()) else norms.mean()
         norm = (self.config.encoder_norm_scale * mean_alive).cpu()
 
         residuals = None  # (n, d_in) x - x_hat, when the procedure needs more than the errors
         if direction != "input" or encoder_norm == "threshold":
-            residuals = (candidates - reconstruct(sae, candidates)).float()
+            residuals = (candidates - view.reconstruct(candidates)).float()
             errors = residuals.pow(2).sum(dim=1)
         else:
-            errors = squared_errors(sae, candidates)  # (n,)
+            errors = squared_errors(view, candidates)  # (n,)
         weights = errors.double().pow(2).cpu()
         if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
             weights = torch.ones_like(weights)  # nothing to prefer: draw uniformly
@@ -304,7 +329,7 @@ class DeadFeatureResampler(BatchEndCallback):
         directions = chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if encoder_norm == "threshold":
             assert residuals is not None
-            norm = threshold_norms(sae, candidates, residuals, directions, mean_alive).cpu()
+            norm = threshold_norms(view, candidates, residuals, directions, mean_alive).cpu()
         return ids, directions.cpu(), norm
 
     def _log(
@@ -341,3 +366,9 @@ class DeadFeatureResampler(BatchEndCallback):
         self.last_step = int(state_dict["last_step"])
         pool = state_dict.get("candidates")
         self._chunks = [pool] if pool is not None and self._is_zero else []
+
+
+def _data_parallel_size(trainer: pl.Trainer) -> int:
+    """Ranks that split each global batch: all under DDP, ``W / T`` under latent sharding."""
+    sampler = trainer.distributed_sampler_kwargs
+    return trainer.world_size if sampler is None else int(sampler["num_replicas"])

@@ -6,12 +6,15 @@ Pure functions of the SAE and the candidate inputs, used by
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from sae_lightning.components.base import Touched
+
+if TYPE_CHECKING:
+    from sae_lightning.callbacks.resampling_view import ResamplingView
 
 _LOSS_CHUNK = 4096  # rows per forward pass when scoring candidates
 _KMEANS_ITERS = 5  # refinement steps of the residual clusters; the draws are the seeds
@@ -19,15 +22,15 @@ _NORM_RANGE = (0.05, 20.0)  # threshold norms, as multiples of the mean live nor
 
 
 @torch.no_grad()
-def squared_errors(sae: torch.nn.Module, x: Tensor) -> Tensor:
-    """``(n,)`` ``||x - sae(x)||^2`` per row, in eval mode (no batch statistics, no collectives).
+def squared_errors(view: ResamplingView, x: Tensor) -> Tensor:
+    """``(n,)`` ``||x - x_hat||^2`` per row, in eval mode (no batch statistics).
 
     Args:
-        sae: a :class:`~sae_lightning.sae.SparseAutoencoder`.
+        view: the SAE, whole or sharded (:mod:`.resampling_view`).
         x: ``(n, d_in)`` inputs.
     """
     return torch.cat(
-        [(c - reconstruct(sae, c)).float().pow(2).sum(dim=1) for c in x.split(_LOSS_CHUNK)]
+        [(c - view.reconstruct(c)).float().pow(2).sum(dim=1) for c in x.split(_LOSS_CHUNK)]
     )
 
 
@@ -79,7 +82,7 @@ def residual_clusters(residuals: Tensor, errors: Tensor, seeds: Tensor) -> Tenso
 
 @torch.no_grad()
 def threshold_norms(
-    sae: torch.nn.Module, x: Tensor, residuals: Tensor, directions: Tensor, mean_alive: Tensor
+    view: ResamplingView, x: Tensor, residuals: Tensor, directions: Tensor, mean_alive: Tensor
 ) -> Tensor:
     """``(m,)`` per new latent, the encoder-row norm at which it enters the top k on the
     median input of its cluster (the inputs whose residual is most aligned with it).
@@ -89,17 +92,15 @@ def threshold_norms(
     selected when ``s >= threshold / (u . x_c)``. Rows at Anthropic's 0.2 x the live norm
     never reach the top k; rows at the live norm fire on many inputs they cannot help, and the
     gradient shuts them off (docs/resampling.md). Clamped to [0.05, 20] x ``mean_alive``; a
-    latent with no input in its cluster gets ``mean_alive``.
+    latent with no input in its cluster gets ``mean_alive``. ``view`` is the SAE, whole or
+    sharded (:mod:`.resampling_view`).
     """
     index = assign(residuals, directions)
     thresholds, projections = [], []
     for chunk, ids in zip(x.split(_LOSS_CHUNK), index.split(_LOSS_CHUNK), strict=True):
-        values = encode_values(sae, chunk)  # (chunk, k) or (chunk, d_sae)
-        active = values.masked_fill(values == 0, float("inf")).min(dim=1).values
-        thresholds.append(torch.where(torch.isfinite(active), active, 0.0))
-        centred = chunk - sae.decoder.b_dec if sae.encoder.center_input else chunk
+        thresholds.append(view.smallest_active(chunk))  # (chunk,)
         u = directions[ids.clamp_min(0)]
-        projections.append((centred.float() * u).sum(dim=1))
+        projections.append((view.encoder_input(chunk).float() * u).sum(dim=1))
     threshold, projection = torch.cat(thresholds), torch.cat(projections)
     valid = (index >= 0) & (projection > 0)
     ratio = threshold[valid] / projection[valid]

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from sae_lightning.errors import ConfigError
 from sae_lightning.module import SAEModule, StepOutput
 from sae_lightning.parallel.comm import all_gather, all_reduce
 from sae_lightning.parallel.mesh import ShardLayout, shard_layout
+from sae_lightning.parallel.resampling import ShardedView
 from sae_lightning.parallel.sharded import (
     check_shardable,
     local,
@@ -63,15 +63,10 @@ class ShardedSAEModule(SAEModule):
         self.layout = layout
         self.sae.atoms = self._gathered_atoms  # type: ignore[method-assign]
 
-    def on_fit_start(self) -> None:
-        from sae_lightning.callbacks.resampling import DeadFeatureResampler
-
-        if any(isinstance(c, DeadFeatureResampler) for c in self.trainer.callbacks):
-            raise ConfigError(
-                "callbacks",
-                "the resampler does not work on latent-sharded SAEs yet",
-                "remove the resampler, or use trainer.strategy: ddp",
-            )
+    def resampling_view(self) -> ShardedView:
+        """What the resampler reads and writes of this SAE, shard by shard (collectives)."""
+        assert self.layout is not None, "configure_model() has not run"
+        return ShardedView(self, self.layout)
 
     def _gathered_atoms(self) -> Tensor:
         if self._atoms is None:
@@ -100,6 +95,15 @@ class ShardedSAEModule(SAEModule):
     def _dead_local(self, window_tokens: int | None = None) -> Tensor:
         window = self.loss_config.dead_window_tokens if window_tokens is None else window_tokens
         return local(self.tokens_since_fired) >= window
+
+    @torch.no_grad()
+    def restart_dead_windows(self, rows: Tensor) -> None:
+        """Restart the dead-latent counters of this shard's ``rows`` (local ids; resampled).
+
+        The dead count over all shards is then recounted at the next step (one all-reduce).
+        """
+        local(self.tokens_since_fired)[rows] = 0
+        self._n_dead = None
 
     def _dead_count(self) -> int:
         if self._n_dead is None:

@@ -116,26 +116,53 @@ def sharded_run(
 
     A collective over the tensor-parallel group (and, for BatchTopK in training, the mesh).
     """
-    enc, dec, sparsity = sae.encoder, sae.decoder, sae.sparsity
-    w_enc, b_enc, w_dec = local(enc.W_enc), local(enc.b_enc), local(dec.W_dec)
+    dec = sae.decoder
+    pre = shard_pre_acts(sae, x, layout)  # (batch, shard_size)
+    codes = shard_codes(sae, pre, layout, step=step, training=training)
+    w_dec = local(dec.W_dec)
+    if codes.indices is not None:  # TopK: (batch, k) values of this shard's candidates
+        values, indices = codes.values, codes.indices
+        partial = F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
+        fired = (values != 0).long()
+        fire_counts = torch.zeros(layout.shard_size, dtype=torch.long, device=x.device)
+        fire_counts.scatter_add_(0, indices.reshape(-1), fired.reshape(-1))
+        active = fired.sum(dim=1)
+    else:
+        partial = codes.values @ w_dec
+        fired_dense = codes.values != 0
+        active, fire_counts = fired_dense.sum(dim=1), fired_dense.sum(dim=0)
+    x_hat = ReduceFromShards.apply(partial, layout.tp_group) + local(dec.b_dec)
+    return ShardedOutput(x_hat, pre, codes.penalties, active, fire_counts)
+
+
+def shard_pre_acts(sae: SparseAutoencoder, x: Tensor, layout: ShardLayout) -> Tensor:
+    """``(batch, shard_size)`` this shard's encoder output; no communication forward."""
+    enc, dec = sae.encoder, sae.decoder
     x_in = x - CopyToShards.apply(local(dec.b_dec), layout.tp_group) if enc.center_input else x
-    pre = torch.addmm(b_enc, x_in, w_enc.t())  # (batch, shard_size)
+    return torch.addmm(local(enc.b_enc), x_in, local(enc.W_enc).t())
+
+
+class ShardCodesOut(NamedTuple):
+    """This shard's codes of a batch."""
+
+    values: Tensor
+    """``(batch, k)`` TopK candidates (0 where one lost globally), else ``(batch, shard_size)``."""
+    indices: Tensor | None
+    """``(batch, k)`` local latent ids of the TopK candidates; None for dense codes."""
+    penalties: dict[str, Tensor]
+    """Sparsity penalties over all latents, weighted."""
+
+
+def shard_codes(
+    sae: SparseAutoencoder, pre: Tensor, layout: ShardLayout, *, step: int, training: bool
+) -> ShardCodesOut:
+    """Select this shard's codes from its pre-activations (a collective for TopK, BatchTopK and
+    the penalties' partial sums)."""
+    sparsity = sae.sparsity
     penalties: dict[str, Tensor] = {}
     if isinstance(sparsity, TopK):
         codes = sharded_topk(pre, sparsity.config.k, layout)
-        values = torch.relu(codes.values)
-        partial = F.embedding_bag(codes.indices, w_dec, per_sample_weights=values, mode="sum")
-        fired = (values != 0).long()
-        active = fired.sum(dim=1)
-        fire_counts = torch.zeros(layout.shard_size, dtype=torch.long, device=x.device)
-        fire_counts.scatter_add_(0, codes.indices.reshape(-1), fired.reshape(-1))
-        return ShardedOutput(
-            ReduceFromShards.apply(partial, layout.tp_group) + local(dec.b_dec),
-            pre,
-            penalties,
-            active,
-            fire_counts,
-        )
+        return ShardCodesOut(torch.relu(codes.values), codes.indices, penalties)
     if isinstance(sparsity, BatchTopK):
         acts = _batch_topk(sparsity, torch.relu(pre), layout, training)
     elif isinstance(sparsity, JumpReLU):
@@ -147,21 +174,13 @@ def sharded_run(
     else:
         assert isinstance(sparsity, ReLUL1)
         acts = torch.relu(pre)
-        if sparsity.config.weight_by_decoder_norm and not dec.config.unit_norm:
-            l1 = (acts * w_dec.norm(dim=1)).sum(dim=1).mean()
+        if sparsity.config.weight_by_decoder_norm and not sae.decoder.config.unit_norm:
+            l1 = (acts * local(sae.decoder.W_dec).norm(dim=1)).sum(dim=1).mean()
         else:  # unit-norm atoms weigh 1
             l1 = acts.sum(dim=1).mean()
         coeff = sparsity.config.l1_coefficient * warmup_factor(step, sparsity.config.warmup_steps)
         penalties["l1"] = coeff * ReduceFromShards.apply(l1, layout.tp_group)
-    partial = acts @ w_dec
-    fired = acts != 0
-    return ShardedOutput(
-        ReduceFromShards.apply(partial, layout.tp_group) + local(dec.b_dec),
-        pre,
-        penalties,
-        fired.sum(dim=1),
-        fired.sum(dim=0),
-    )
+    return ShardCodesOut(acts, None, penalties)
 
 
 def _batch_topk(sparsity: BatchTopK, acts: Tensor, layout: ShardLayout, training: bool) -> Tensor:

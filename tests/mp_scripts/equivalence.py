@@ -20,13 +20,14 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
+from sae_lightning.callbacks.resampling import DeadFeatureResampler, DeadFeatureResamplerConfig
 from sae_lightning.data.synthetic import SyntheticConfig, SyntheticDataModule
 from sae_lightning.module import SAEModule
 from sae_lightning.parallel.comm import traffic
 from sae_lightning.parallel.module import ShardedSAEModule
 
 D_IN, D_SAE, BATCH, STEPS, SEED = 16, 32, 64, 20, 0
-N_KILLED = 6  # latents started dead (very negative bias), so AuxK has work to do
+N_KILLED = 6  # latents started dead (very negative bias), so AuxK and the resampler have work
 
 SPARSITY: dict[str, dict[str, Any]] = {
     "relu": {"name": "relu", "l1_coefficient": 1e-3},
@@ -42,12 +43,28 @@ class Case:
     kill: bool = False
     """Start ``N_KILLED`` latents dead with a short dead window: AuxK is live on them."""
     loss: tuple[tuple[str, Any], ...] = ()
+    resampler: tuple[tuple[str, Any], ...] | None = None
+    """With the resampler (these extra config fields): resamples at steps 3 and 6."""
+
+    @property
+    def auxk(self) -> bool:
+        """AuxK is live: a TopK-family plugin with its default coefficient, latents dead."""
+        return self.kill and "aux_coefficient" not in self.sparsity and "k" in self.sparsity
+
+
+AUXK = {"aux_k": 4}
+RESAMPLE = ()  # the anthropic procedure
+RESAMPLE_TOPK = (("procedure", "topk"),)  # residual clusters, threshold norms, live_mean
 
 
 CASES: dict[str, Case] = {
     **{name: Case(spec) for name, spec in SPARSITY.items()},
-    "topk+auxk": Case({"name": "topk", "k": 3, "aux_k": 4}, kill=True),
-    "batchtopk+auxk": Case({"name": "batchtopk", "k": 3, "aux_k": 4}, kill=True),
+    "topk+auxk+resample": Case({"name": "topk", "k": 3, **AUXK}, True, resampler=RESAMPLE),
+    "batchtopk+auxk+resample": Case(
+        {"name": "batchtopk", "k": 3, **AUXK}, True, resampler=RESAMPLE_TOPK
+    ),
+    "relu+resample": Case(SPARSITY["relu"], True, resampler=RESAMPLE),
+    "jumprelu+resample": Case(SPARSITY["jumprelu"], True, resampler=RESAMPLE_TOPK),
     "topk+fvu": Case(SPARSITY["topk"], loss=(("reconstruction", "fvu"),)),
 }
 
@@ -63,7 +80,7 @@ class StepMetrics(pl.Callback):
         self.steps.append({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
 
 
-def train(name: str, dp: int, tp: int) -> tuple[SAEModule, pl.Trainer, StepMetrics, dict]:
+def train(name: str, dp: int, tp: int) -> tuple[SAEModule, pl.Trainer, list[pl.Callback], dict]:
     """Train case ``name`` for ``STEPS`` steps: one process when ``dp = tp = 1`` (the plain
     :class:`SAEModule`), else sharded on a ``dp x tp`` mesh of CPU processes."""
     case = CASES[name]
@@ -87,6 +104,11 @@ def train(name: str, dp: int, tp: int) -> tuple[SAEModule, pl.Trainer, StepMetri
         with torch.no_grad():
             module.sae.encoder.b_enc[:N_KILLED] = -10.0
     metrics = StepMetrics()
+    callbacks: list[pl.Callback] = [metrics]
+    if case.resampler is not None:
+        config = {"every_n_steps": 3, "max_resamples": 2, "n_candidates": 2 * BATCH}
+        config.update(case.resampler)
+        callbacks.append(DeadFeatureResampler(DeadFeatureResamplerConfig(**config)))
     trainer = pl.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
@@ -99,20 +121,26 @@ def train(name: str, dp: int, tp: int) -> tuple[SAEModule, pl.Trainer, StepMetri
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=1,  # every step's metrics reach callback_metrics, to compare them all
-        callbacks=[metrics],
+        callbacks=callbacks,
     )
     with traffic() as counts:
         trainer.fit(module, datamodule=data)
-    return module, trainer, metrics, dict(counts)
+    return module, trainer, callbacks, dict(counts)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def summary(module: SAEModule, trainer: pl.Trainer, metrics: StepMetrics, counts: dict) -> dict:
+def summary(
+    module: SAEModule, trainer: pl.Trainer, callbacks: list[pl.Callback], counts: dict
+) -> dict:
     """Weights, buffers and Adam moments gathered whole, the logged metrics of every step,
-    this rank's parameter + optimizer bytes and the bytes its collectives sent."""
+    this rank's parameter + optimizer bytes, the bytes its collectives sent and how many
+    latents the resampler (if any) rewrote."""
+    metrics = callbacks[0]
+    assert isinstance(metrics, StepMetrics)
+    resampled = [c.total_resampled for c in callbacks if isinstance(c, DeadFeatureResampler)]
     optimizer = trainer.optimizers[0]
     adam = {}
     for pname, param in module.named_parameters():
@@ -128,14 +156,15 @@ def summary(module: SAEModule, trainer: pl.Trainer, metrics: StepMetrics, counts
         "metrics": metrics.steps,
         "bytes": nbytes,
         "traffic": counts,
+        "resampled": resampled[0] if resampled else 0,
     }
 
 
 def main(out_dir: str, dp: str, tp: str, *names: str) -> None:
     out = Path(out_dir)
     for name in names or CASES:
-        module, trainer, metrics, counts = train(name, int(dp), int(tp))
-        result = summary(module, trainer, metrics, counts)
+        module, trainer, callbacks, counts = train(name, int(dp), int(tp))
+        result = summary(module, trainer, callbacks, counts)
         torch.save(result, out / f"{name}.rank{trainer.global_rank}.pt")
 
 
