@@ -8,7 +8,11 @@ each SAE follows the trajectory it follows alone with the same seed and data. Me
 logged under ``<name>/`` (``topk_k8/train/loss``) and each SAE is exported to its own folder.
 
 Under DDP every rank holds every SAE and a slice of the batch (docs/multi-gpu.md explains why
-that is the default rather than spreading SAEs over devices).
+that is the default). With ``distribute=True`` (``trainer.distribute_saes``) the SAEs are
+spread over the processes instead: process ``r`` of ``W`` keeps the SAEs ``i`` with
+``i mod W = r`` (:meth:`MultiSAEModule.configure_model`), reads every batch whole and trains
+them alone (no gradient all-reduce, no collective in the loss); the metrics of all SAEs are
+gathered to every process at logging steps and validations, so rank 0 logs them all.
 
 A recipe asks for it with ``variants:``, a list of ``model:`` overrides (docs/multi-gpu.md)::
 
@@ -23,11 +27,14 @@ and the runner builds this module instead of a single :class:`SAEModule`
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from sae_lightning.cadence import logs_step
 from sae_lightning.errors import ConfigError
@@ -40,6 +47,7 @@ from sae_lightning.module import (
     terminate_ranks_on_error,
 )
 from sae_lightning.recipe import SAE_NAME
+from sae_lightning.solo import training_alone
 
 
 class MultiSAEModule(pl.LightningModule):
@@ -51,13 +59,18 @@ class MultiSAEModule(pl.LightningModule):
             become log prefixes and export folders, so they use letters, digits, ``_.-``.
         seed: when set, each SAE is initialised right after ``torch.manual_seed(seed)``, as a
             run of that SAE alone seeded with ``seed`` is; None draws them one after another.
+        distribute: spread the SAEs over the processes (each process keeps its own subset
+            once Lightning calls :meth:`configure_model`); needs ``ModelParallelStrategy`` on a
+            ``1 x W`` mesh (the runner builds it from ``trainer.distribute_saes``).
 
     Raises:
         ConfigError: no SAE, a bad name, different input widths, or a bad SAE argument
             (reported under ``saes.<name>``).
     """
 
-    def __init__(self, saes: dict[str, dict[str, Any]], seed: int | None = None) -> None:
+    def __init__(
+        self, saes: dict[str, dict[str, Any]], seed: int | None = None, distribute: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if not saes:
@@ -82,6 +95,14 @@ class MultiSAEModule(pl.LightningModule):
                 "give every SAE the d_in of the data",
             )
         self.saes = nn.ModuleDict(members)
+        self.names: tuple[str, ...] = tuple(members)
+        """Every SAE of the run, in order (under ``distribute``, ``saes`` holds this
+        process's)."""
+        self.plugin_versions = {name: m.plugin_versions for name, m in members.items()}
+        self.distribute = distribute
+        self.spread = False
+        """True once the SAEs are spread over more than one process."""
+        self._term_names: list[str] | None = None  # every process's loss terms, see _all_terms
 
     takes_token_batches: ClassVar[bool] = False
     """Its members train on activations (local mode)."""
@@ -93,21 +114,99 @@ class MultiSAEModule(pl.LightningModule):
     def configure_data_module(self, datamodule: pl.LightningDataModule) -> None:
         """Nothing to adapt: every member trains on the data's activation batches."""
 
+    def configure_model(self) -> None:
+        """Under ``distribute``, keep this process's SAEs: SAE ``i`` (in ``names`` order) goes to
+        process ``i mod W``. Lightning calls it once the processes exist, before the optimizer
+        is built and a checkpoint is loaded.
+
+        Raises:
+            ConfigError: more processes than SAEs.
+        """
+        if not self.distribute or self.spread:
+            return
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world == 1:
+            return
+        if world > len(self.names):
+            raise ConfigError(
+                "trainer.distribute_saes",
+                f"{len(self.names)} SAEs cannot be spread over {world} processes",
+                f"use at most {len(self.names)} processes",
+            )
+        own = {name: m for i, (name, m) in enumerate(self.saes.items()) if i % world == rank}
+        self.saes = nn.ModuleDict(own)
+        for member in own.values():
+            for metric in member.modules():
+                if isinstance(metric, Metric):  # each process validates its SAEs on all data
+                    metric.distributed_available_fn = _alone_in_the_world
+        self.spread = True
+
+    def _alone(self) -> AbstractContextManager[None]:
+        """Spread SAEs see only this process: their loss terms and statistics issue no
+        collective."""
+        return training_alone() if self.spread else nullcontext()
+
+    def from_every_process(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every process's ``values`` merged (one ``all_gather_object``; every process calls
+        it), so each process logs the metrics of every SAE."""
+        gathered: list[dict[str, Any] | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, values)
+        return {k: v for part in gathered if part for k, v in part.items()}
+
+    def _gather_step_logs(self, logged: dict[str, Tensor]) -> dict[str, float]:
+        """Every SAE's step metrics, read on the host at logging steps only; ``train/loss_sum``
+        summed over the processes."""
+        local = {k: float(v) for k, v in logged.items()}
+        gathered: list[dict[str, float] | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, local)
+        merged: dict[str, float] = {}
+        total = 0.0
+        for part in gathered:
+            assert part is not None
+            total += part.pop("train/loss_sum")
+            merged.update(part)
+        merged["train/loss_sum"] = total
+        return merged
+
+    def _all_terms(self, terms: dict[str, Tensor], zero: Tensor) -> dict[str, Tensor]:
+        """The loss terms of every SAE, 0 for those other processes hold: the same names on
+        every process, as the non-finite guard's gather needs. The names are exchanged once
+        (an SAE's terms are fixed by its plugins)."""
+        if self._term_names is None:
+            merged = self.from_every_process({name: None for name in terms})
+            self._term_names = list(merged)
+        return {name: terms.get(name, zero) for name in self._term_names}
+
+    def log_per_sae(self, values: dict[str, float | Tensor]) -> None:
+        """Log epoch-level values of this process's SAEs (``<name>/...`` keys); spread SAEs'
+        values are gathered first, so every process logs every SAE's. Every process calls it."""
+        if self.spread:
+            values = self.from_every_process({k: float(v) for k, v in values.items()})
+        for key, value in values.items():
+            self.log(key, value, sync_dist=True)  # equal on all ranks: the sync is a no-op
+
     # ---- training -------------------------------------------------------------------------
 
     def training_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> dict[str, Any]:
         x = as_tensor(batch)
-        losses, terms = [], {}
+        losses, terms, logged = [], {}, {}
         log = logs_step(self.trainer, self.global_step)  # see SAEModule.log_metrics
-        for name, member in self.saes.items():
-            out = member.compute_step(x, step=self.global_step)
-            for key, value in out.metrics.items() if log else ():
-                self.log(f"{name}/{key}", value)
-            losses.append(out.loss)
-            terms.update({f"{name}/{k}": v.detach() for k, v in out.terms.items()})
+        with self._alone():
+            for name, member in self.saes.items():
+                out = member.compute_step(x, step=self.global_step)
+                if log:
+                    logged.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+                losses.append(out.loss)
+                terms.update({f"{name}/{k}": v.detach() for k, v in out.terms.items()})
         loss = torch.stack(losses).sum()
         if log:  # the progress bar shows it as logged
-            self.log("train/loss_sum", loss.detach())
+            logged["train/loss_sum"] = loss.detach()
+        if self.spread:
+            terms = self._all_terms(terms, loss.detach().new_zeros(()))
+            if log:
+                logged = self._gather_step_logs(logged)
+        for key, value in logged.items():
+            self.log(key, value)
         return {"loss": loss, "terms": terms}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -149,14 +248,20 @@ class MultiSAEModule(pl.LightningModule):
 
     def validation_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> None:
         x = as_tensor(batch)
-        for member in self.saes.values():
-            member.update_validation(x, step=self.global_step)
+        with self._alone():
+            for member in self.saes.values():
+                member.update_validation(x, step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
+        values: dict[str, float | Tensor] = {}
+        densities: dict[str, Tensor] = {}
         for name, member in self.saes.items():
-            results, density = member.validation_results()
-            for key, value in results.items():
-                self.log(f"{name}/{key}", value, sync_dist=True)  # equal on all ranks
+            results, densities[name] = member.validation_results()
+            values.update({f"{name}/{key}": value for key, value in results.items()})
+        if self.spread:  # rank 0 draws every SAE's histogram
+            densities = self.from_every_process({k: v.cpu() for k, v in densities.items()})
+        self.log_per_sae(values)
+        for name, density in densities.items():
             log_density_histogram(self, density, prefix=f"{name}/")
 
     # ---- checkpoints -----------------------------------------------------------
@@ -166,8 +271,19 @@ class MultiSAEModule(pl.LightningModule):
 
         checkpoint[CHECKPOINT_KEY] = {
             "version": __version__,
-            "plugins": {name: m.plugin_versions for name, m in self.saes.items()},
+            "plugins": self.plugin_versions,  # every SAE's, also under distribute
         }
+
+
+def member_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """The metrics of the SAE ``name`` of a multi-SAE run, without the ``<name>/`` prefix."""
+    prefix = f"{name}/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _alone_in_the_world() -> bool:
+    """torchmetrics' test for a process group to sync over: none, for a spread SAE's metrics."""
+    return False
 
 
 def _check_name(name: str) -> None:

@@ -247,6 +247,9 @@ def _trainer_args_model() -> type[BaseModel]:
     # Not a Trainer argument: with strategy: model_parallel the runner builds Lightning's
     # ModelParallelStrategy from it (sae_lightning.parallel.strategy).
     fields["tensor_parallel_size"] = (int | None, None)
+    # Not a Trainer argument either: spreads the SAEs of `variants:` over the processes
+    # (sae_lightning.parallel.strategy).
+    fields["distribute_saes"] = (bool, False)
     config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", allow_inf_nan=False)
     return create_model("TrainerArgs", __config__=config, **fields)
 

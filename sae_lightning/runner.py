@@ -27,9 +27,10 @@ from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import ConfigError
 from sae_lightning.io import METRICS_FILE, export_sae, write_metrics
 from sae_lightning.module import SAEModule, as_tensor
-from sae_lightning.multi import MultiSAEModule
+from sae_lightning.multi import MultiSAEModule, member_metrics
 from sae_lightning.parallel.strategy import (
     check_model_parallel,
+    distributes_saes,
     is_model_parallel,
     model_parallel_arguments,
 )
@@ -176,7 +177,7 @@ def build_multi_module(recipe: RecipeConfig, data_d_in: int | None) -> MultiSAEM
             raise _under_variant(err, index[name]) from None
         saes[name] = module_kwargs(model, widths)
     try:
-        module = MultiSAEModule(saes, seed=recipe.seed)
+        module = MultiSAEModule(saes, seed=recipe.seed, distribute=distributes_saes(recipe))
     except ConfigError as err:  # saes.<name>.model.<field> -> variants.<N>.<field>
         found = re.match(r"^saes\.([^.]+)\.(.*)$", err.field)
         if found is None or found.group(1) not in index:
@@ -362,8 +363,9 @@ def finish(run: Run) -> dict[str, float]:
     A multi-SAE run's ``metrics.json`` holds every SAE's metrics (``<name>/val/fvu``...); each
     SAE is exported to ``<run folder>/<name>/`` with its own ``metrics.json``, unprefixed.
     """
-    saes = run.trains.members()
-    prefixes = tuple(f"{name}/" for name in saes if name)
+    saes = run.trains.members()  # under distribute_saes, this process's
+    names = run.module.names if isinstance(run.module, MultiSAEModule) else tuple(saes)
+    prefixes = tuple(f"{name}/" for name in names if name)
     train_metrics = {
         k: float(v)
         for k, v in run.trainer.callback_metrics.items()
@@ -383,21 +385,19 @@ def finish(run: Run) -> dict[str, float]:
     log_final_hparams(run.trainer, run.resolved.model_dump(mode="json"), metrics)
     if isinstance(run.trainer.logger, TensorBoardLogger):
         run.trainer.logger.experiment.flush()  # readers see the final summaries at once
+    # Rank 0's folder: another rank's logger may not know its version.
+    run_dir = Path(run.trainer.strategy.broadcast(str(run.run_dir)))
     if run.trainer.is_global_zero:
-        write_metrics(run.run_dir / METRICS_FILE, metrics)
+        write_metrics(run_dir / METRICS_FILE, metrics)
+    spread = isinstance(run.module, MultiSAEModule) and run.module.spread  # each exports its own
+    if run.trainer.is_global_zero or spread:
         for name, member in saes.items():
             sae, extra = raw_input_sae(eager_sae(exported[name]), run.datamodule)
-            folder = run.run_dir / name if name else run.run_dir
+            folder = run_dir / name if name else run_dir
             export_sae(sae, folder, plugins=member.plugin_versions, **extra)
             if name:
                 write_metrics(folder / METRICS_FILE, member_metrics(metrics, name))
     return metrics
-
-
-def member_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
-    """The metrics of the SAE ``name`` of a multi-SAE run, without the ``<name>/`` prefix."""
-    prefix = f"{name}/"
-    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def validate(recipe: RecipeConfig, ckpt_path: str | None) -> dict[str, float]:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
+from sae_lightning.multi import MultiSAEModule
 from sae_lightning.protocols import TrainsSAEs
 
 
@@ -49,9 +50,15 @@ class ReferenceMetrics(pl.Callback):
         if not isinstance(datamodule, ReferenceMetricsData) or trainer.sanity_checking:
             return
         members = pl_module.members() if isinstance(pl_module, TrainsSAEs) else {}
+        values: dict[str, float] = {}
         for name, member in members.items():
             prefix = f"{name}/" if name else ""
             for key, value in datamodule.reference_metrics(member.sae).items():
-                # Equal on every rank (computed from the same weights), so the sync is a no-op
-                # that keeps Lightning from warning about unsynchronised epoch-level metrics.
-                pl_module.log(f"{prefix}val/{key}", float(value), sync_dist=True)
+                values[f"{prefix}val/{key}"] = float(value)
+        if isinstance(pl_module, MultiSAEModule):  # SAEs spread over processes are gathered
+            pl_module.log_per_sae(values)
+            return
+        for key, value in values.items():
+            # Equal on every rank (computed from the same weights), so the sync is a no-op
+            # that keeps Lightning from warning about unsynchronised epoch-level metrics.
+            pl_module.log(key, value, sync_dist=True)

@@ -59,6 +59,7 @@ from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
 from sae_lightning.gather import gather_ranks
 from sae_lightning.module import as_tensor
+from sae_lightning.multi import MultiSAEModule
 from sae_lightning.protocols import TrainsSAEs
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,9 @@ class DeadFeatureResampler(BatchEndCallback):
         self._chunks: list[Tensor] = []  # candidate inputs, oldest first (rank 0 only)
         self._replica_ranks: Tensor | None = None  # see _replicas
         self._is_zero = True
+        # SAEs spread over processes (trainer.distribute_saes): every process reads whole
+        # batches and resamples its own SAEs from its own pool, as one process would.
+        self._independent = False
 
     # ---- checks ---------------------------------------------------------------------------
 
@@ -165,6 +169,8 @@ class DeadFeatureResampler(BatchEndCallback):
         self._is_zero = trainer.is_global_zero
         if stage != "fit":
             return
+        distributed = isinstance(pl_module, MultiSAEModule) and pl_module.distribute
+        self._independent = distributed and trainer.world_size > 1
         if not isinstance(pl_module, TrainsSAEs):
             raise ConfigError(
                 "callbacks",
@@ -215,9 +221,10 @@ class DeadFeatureResampler(BatchEndCallback):
             self._resample(trainer, pl_module, done)
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor) -> None:
-        if trainer.world_size > 1:  # (world, B, d_in) -> (replicas * B, d_in), global batch order
+        if trainer.world_size > 1 and not self._independent:
+            # (world, B, d_in) -> (replicas * B, d_in), in global batch order
             x = gather_ranks(x)[self._replicas(trainer, x.device)].reshape(-1, x.shape[-1])
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or self._independent):
             return
         self._chunks.append(x.clone())
         # Drop whole chunks that fall entirely before the last n_candidates rows.
@@ -248,9 +255,9 @@ class DeadFeatureResampler(BatchEndCallback):
         # (rank 0's, broadcast) and takes the same draws; rank 0's plan is broadcast either way.
         collective = any(view.collective for view in views.values())
         plan: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
-        if collective or trainer.is_global_zero:
+        if collective or trainer.is_global_zero or self._independent:
             candidates = self._candidates(torch.device("cpu"))
-            if collective:
+            if collective and not self._independent:
                 candidates = trainer.strategy.broadcast(candidates, src=0)
             if candidates is not None:
                 candidates = candidates.to(pl_module.device)
@@ -258,7 +265,8 @@ class DeadFeatureResampler(BatchEndCallback):
             plan = {
                 name: self.choose(member, candidates, generator) for name, member in members.items()
             }
-        plan = trainer.strategy.broadcast(plan, src=0)
+        if not self._independent:
+            plan = trainer.strategy.broadcast(plan, src=0)
         assert plan is not None
         self._chunks.clear()
         self.n_resamples += 1
@@ -270,8 +278,13 @@ class DeadFeatureResampler(BatchEndCallback):
             if ids.numel():
                 second_moment = self.config.choices[2]
                 view.resample(ids, directions, norm, trainer.optimizers, second_moment)
-            self.total_resampled += ids.numel()
-            self._log(trainer, pl_module, f"{name}/" if name else "", ids.numel(), step)
+        counts = {name: int(plan[name][0].numel()) for name in views}
+        if self._independent:  # every process's SAEs, so rank 0 logs them all
+            assert isinstance(pl_module, MultiSAEModule)
+            counts = pl_module.from_every_process(counts)
+        for name, n in counts.items():
+            self.total_resampled += n
+            self._log(trainer, pl_module, f"{name}/" if name else "", n, step)
 
     def _candidates(self, device: torch.device) -> Tensor | None:
         if not self._chunks:
@@ -365,7 +378,8 @@ class DeadFeatureResampler(BatchEndCallback):
         self.total_resampled = int(state_dict.get("total_resampled", 0))
         self.last_step = int(state_dict["last_step"])
         pool = state_dict.get("candidates")
-        self._chunks = [pool] if pool is not None and self._is_zero else []
+        keep = self._is_zero or self._independent  # the pools of independent ranks are equal
+        self._chunks = [pool] if pool is not None and keep else []
 
 
 def _data_parallel_size(trainer: pl.Trainer) -> int:

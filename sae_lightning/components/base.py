@@ -21,6 +21,7 @@ from sae_lightning.config import PluginConfig
 from sae_lightning.functional import as_points
 from sae_lightning.kernels.decode import sparse_decode
 from sae_lightning.kernels.encode import EncoderInputs
+from sae_lightning.solo import trains_alone
 
 
 class Codes(NamedTuple):
@@ -412,8 +413,9 @@ def supports_resampling(encoder: Encoder, decoder: Decoder) -> list[str]:
 
 
 def data_parallel_world_size() -> int:
-    """Number of processes training together (1 without an initialised process group)."""
-    if dist.is_available() and dist.is_initialized():
+    """Number of processes training together (1 without an initialised process group, or
+    inside :func:`~sae_lightning.solo.training_alone`)."""
+    if not trains_alone() and dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
 

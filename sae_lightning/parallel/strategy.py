@@ -20,12 +20,22 @@ def is_model_parallel(recipe: RecipeConfig) -> bool:
     return recipe.trainer.get("strategy") == STRATEGY
 
 
+def distributes_saes(recipe: RecipeConfig) -> bool:
+    """True when the recipe spreads its variants over the processes (``distribute_saes``)."""
+    return bool(recipe.trainer.get("distribute_saes"))
+
+
 def check_model_parallel(recipe: RecipeConfig) -> None:
-    """Refuse what latent sharding does not run yet, before anything is built.
+    """Refuse what latent sharding and per-SAE distribution do not run, before anything is
+    built.
 
     Raises:
-        ConfigError: ``variants`` or an e2e loss with ``trainer.strategy: model_parallel``.
+        ConfigError: ``variants`` or an e2e loss with ``trainer.strategy: model_parallel``;
+            ``trainer.distribute_saes`` without variants, with another strategy, or with more
+            processes than SAEs.
     """
+    if distributes_saes(recipe):
+        _check_distribute(recipe)
     if not is_model_parallel(recipe):
         return
     if recipe.variants:
@@ -42,6 +52,42 @@ def check_model_parallel(recipe: RecipeConfig) -> None:
         )
 
 
+def _check_distribute(recipe: RecipeConfig) -> None:
+    field = "trainer.distribute_saes"
+    if not recipe.variants:
+        raise ConfigError(
+            field,
+            "spreads several SAEs over the processes, but the recipe trains one",
+            "list the SAEs under variants:, or remove trainer.distribute_saes",
+        )
+    strategy = recipe.trainer.get("strategy", "auto")
+    if strategy not in DISTRIBUTE_STRATEGIES:
+        raise ConfigError(
+            field,
+            f"cannot be combined with trainer.strategy: {strategy} (each process trains whole "
+            "SAEs of its own on the whole batch)",
+            "remove trainer.strategy (or set it to ddp), or remove trainer.distribute_saes",
+        )
+    devices, nodes = recipe.trainer.get("devices", 1), recipe.trainer.get("num_nodes", 1)
+    if not isinstance(devices, int) or not isinstance(nodes, int) or devices < 1:
+        raise ConfigError(
+            "trainer.devices",
+            f"is {devices!r}; trainer.distribute_saes needs the number of processes per node",
+            "set trainer.devices to a positive integer",
+        )
+    if devices * nodes > len(recipe.variants):
+        raise ConfigError(
+            field,
+            f"{len(recipe.variants)} SAEs cannot be spread over {devices * nodes} processes "
+            "(trainer.devices x trainer.num_nodes): a process would train none",
+            f"use at most {len(recipe.variants)} processes, or add variants",
+        )
+
+
+DISTRIBUTE_STRATEGIES = ("auto", "ddp")
+"""What ``trainer.strategy`` may say with ``distribute_saes``: the runner replaces it."""
+
+
 def model_parallel_arguments(trainer_args: dict[str, Any]) -> dict[str, Any]:
     """``trainer_args`` with ``strategy: model_parallel`` + ``tensor_parallel_size`` turned into
     a ``ModelParallelStrategy`` (:class:`~.checkpoint.ShardedStrategy`); other strategies pass
@@ -52,6 +98,8 @@ def model_parallel_arguments(trainer_args: dict[str, Any]) -> dict[str, Any]:
     """
     args = dict(trainer_args)
     tp = args.pop("tensor_parallel_size", None)
+    if args.pop("distribute_saes", False):
+        return _distribute_arguments(args, tp)
     if args.get("strategy") != STRATEGY:
         if tp is not None:
             raise ConfigError(
@@ -82,4 +130,23 @@ def model_parallel_arguments(trainer_args: dict[str, Any]) -> dict[str, Any]:
     from sae_lightning.parallel.checkpoint import ShardedStrategy
 
     args["strategy"] = ShardedStrategy(data_parallel_size=world // tp, tensor_parallel_size=tp)
+    return args
+
+
+def _distribute_arguments(args: dict[str, Any], tp: int | None) -> dict[str, Any]:
+    """``distribute_saes``: every process is its own one-rank data-parallel group (it reads the
+    whole batch and syncs no gradient), on Lightning's ``ModelParallelStrategy`` with a
+    ``1 x W`` mesh, whose distributed checkpoints hold every process's own SAEs."""
+    if tp is not None:
+        raise ConfigError(
+            "trainer.tensor_parallel_size",
+            "is set with trainer.distribute_saes, which shards no SAE",
+            "remove one of them",
+        )
+    world = args.get("devices", 1) * args.get("num_nodes", 1)
+    if world == 1:  # one process trains every SAE: nothing to spread
+        return args
+    from sae_lightning.parallel.checkpoint import SpreadStrategy
+
+    args["strategy"] = SpreadStrategy(data_parallel_size=1, tensor_parallel_size=world)
     return args
