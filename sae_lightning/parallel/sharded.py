@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -33,6 +32,7 @@ from sae_lightning.components.sparsity.jumprelu import JumpReLU, JumpReLUFunctio
 from sae_lightning.components.sparsity.relu import ReLUL1, warmup_factor
 from sae_lightning.components.sparsity.topk import TopK
 from sae_lightning.errors import ConfigError
+from sae_lightning.kernels.decode import sparse_decode
 from sae_lightning.parallel.comm import CopyToShards, ReduceFromShards, all_reduce
 from sae_lightning.parallel.mesh import ShardLayout
 from sae_lightning.parallel.selection import batch_topk_threshold, sharded_topk
@@ -122,7 +122,8 @@ def sharded_run(
     w_dec = local(dec.W_dec)
     if codes.indices is not None:  # TopK: (batch, k) values of this shard's candidates
         values, indices = codes.values, codes.indices
-        partial = F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
+        # in the atoms' dtype (fp32 under bf16 autocast), as the one-process decoder does
+        partial = sparse_decode(indices, values.to(w_dec.dtype), w_dec)
         fired = (values != 0).long()
         fire_counts = torch.zeros(layout.shard_size, dtype=torch.long, device=x.device)
         fire_counts.scatter_add_(0, indices.reshape(-1), fired.reshape(-1))
@@ -131,6 +132,8 @@ def sharded_run(
         partial = codes.values @ w_dec
         fired_dense = codes.values != 0
         active, fire_counts = fired_dense.sum(dim=1), fired_dense.sum(dim=0)
+    # Partial sums are added in fp32 at least (a bf16 matmul's output is widened first).
+    partial = partial.to(torch.promote_types(partial.dtype, torch.float32))
     x_hat = ReduceFromShards.apply(partial, layout.tp_group) + local(dec.b_dec)
     return ShardedOutput(x_hat, pre, codes.penalties, active, fire_counts)
 
@@ -231,7 +234,7 @@ def sharded_auxk(
     masked = torch.where(dead.unsqueeze(0), pre_acts, torch.full_like(pre_acts, -torch.inf))
     codes = sharded_topk(masked, k_aux, layout)
     w_dec = local(sae.decoder.W_dec)
-    partial = F.embedding_bag(codes.indices, w_dec, per_sample_weights=codes.values, mode="sum")
+    partial = sparse_decode(codes.indices, codes.values.to(w_dec.dtype), w_dec)
     e_hat = ReduceFromShards.apply(partial, layout.tp_group)
     scale = min(n_dead / k_aux, 1.0)
     term = scale * (e_hat - residual).pow(2).sum() / variance.clamp_min(1e-12)

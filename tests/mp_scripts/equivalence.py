@@ -45,6 +45,7 @@ class Case:
     loss: tuple[tuple[str, Any], ...] = ()
     resampler: tuple[tuple[str, Any], ...] | None = None
     """With the resampler (these extra config fields): resamples at steps 3 and 6."""
+    precision: str = "32-true"
 
     @property
     def auxk(self) -> bool:
@@ -66,6 +67,10 @@ CASES: dict[str, Case] = {
     "relu+resample": Case(SPARSITY["relu"], True, resampler=RESAMPLE),
     "jumprelu+resample": Case(SPARSITY["jumprelu"], True, resampler=RESAMPLE_TOPK),
     "topk+fvu": Case(SPARSITY["topk"], loss=(("reconstruction", "fvu"),)),
+    **{
+        f"{name}+bf16": Case(SPARSITY[name], precision="bf16-mixed")
+        for name in ("topk", "batchtopk", "relu")
+    },
 }
 
 
@@ -112,6 +117,7 @@ def train(name: str, dp: int, tp: int) -> tuple[SAEModule, pl.Trainer, list[pl.C
     trainer = pl.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
+        precision=case.precision,
         devices=dp * tp,
         strategy=ModelParallelStrategy(dp, tp) if sharded else "auto",
         logger=False,
