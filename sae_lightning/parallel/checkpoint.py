@@ -95,8 +95,9 @@ class SpreadStrategy(ShardedStrategy):
         raw = state["state_dict"].pop(key).getvalue()
         model.load_state_dict(state["state_dict"], strict=module.strict_loading)
         own = torch.load(io.BytesIO(raw), weights_only=weights_only is not False)
-        for optimizer, saved in zip(self.optimizers, own["optimizer_states"], strict=True):
-            optimizer.load_state_dict(saved)
+        if self.optimizers:  # fitting (validation builds none)
+            for optimizer, saved in zip(self.optimizers, own["optimizer_states"], strict=True):
+                optimizer.load_state_dict(saved)
         # the rest (loops, callbacks, hyperparameters): rank 0 wrote it, every process reads it
         metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         return {**metadata, "lr_schedulers": own["lr_schedulers"]}
