@@ -218,12 +218,15 @@ def test_fused_training_matches_dense(seed, kind, decoder, monkeypatch) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("n_dead", [0, 3, 40, D_SAE])
-def test_fused_auxk_matches_dense(seed, n_dead) -> None:
+@pytest.mark.parametrize("dead_at_forward", [False, True])
+def test_fused_auxk_matches_dense(seed, n_dead, dead_at_forward) -> None:
     sae = make_sae("linear", seed)
     x = torch.randn(B, D_IN) * 2 + 1
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE)[:n_dead]] = True
-    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, model_d) = run_both(sae, x, dead)
+    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, model_d) = run_both(
+        sae, x, dead, dead_at_forward=dead_at_forward
+    )
     close(loss_f, loss_d)
     for name in grads_d:
         close(grads_f[name], grads_d[name])
