@@ -21,6 +21,7 @@ from sae_lightning.components.sparsity import batchtopk
 from sae_lightning.kernels import (
     EncoderInputs,
     batch_topk_encode,
+    batch_topk_encode_with_dead,
     batch_topk_select,
     memory,
     select,
@@ -139,6 +140,24 @@ def test_gradcheck_float64(mode) -> None:
             chunk = 3 if mode == "threshold_chunked" else None
             values, indices, valid = threshold_encode(inputs, 0.8, chunk_rows=chunk)
         return scatter(torch.relu(values), indices, valid, w.shape[0])
+
+    assert torch.autograd.gradcheck(encode, (x, s, w, b))
+
+
+def test_gradcheck_float64_with_the_dead_selection() -> None:
+    torch.manual_seed(3)
+    x, s, w, b = f64_inputs()
+    dead = torch.zeros(w.shape[0], dtype=torch.bool)
+    dead[[2, 9, 11, 25, 38]] = True  # 5 dead, 7 slots: two per row stay empty
+
+    def encode(x, s, w, b):
+        values, indices, valid, sel = batch_topk_encode_with_dead(
+            EncoderInputs(x, s, w, b), 3 * x.shape[0], dead, 7, positive=True
+        )
+        assert (sel.values == 0).sum() == 2 * x.shape[0] and dead[
+            sel.indices[sel.values != 0]
+        ].all()
+        return scatter(torch.relu(values), indices, valid, w.shape[0]), sel.values
 
     assert torch.autograd.gradcheck(encode, (x, s, w, b))
 
