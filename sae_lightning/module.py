@@ -258,10 +258,9 @@ class SAEModule(pl.LightningModule):
         Under DDP every rank must call it (it holds collectives).
         """
         dead = self.dead_mask()
-        none_dead = self.counter_bound.below(
-            self.tokens_since_fired, self.loss_config.dead_window_tokens
-        )
-        out = self.sae.run(x, step=step, dead=DeadLatents(dead, none_dead))
+        window = self.loss_config.dead_window_tokens
+        at_most = self.counter_bound.at_most_dead(self.tokens_since_fired, window)
+        out = self.sae.run(x, step=step, dead=DeadLatents(dead, at_most))
         diff = x - out.x_hat  # computed once: loss, AuxK residual and metrics share it
         recon = self.reconstruction_loss(x, out.x_hat, diff)
         residual = diff.detach()
@@ -305,8 +304,8 @@ class SAEModule(pl.LightningModule):
         if not logs_step(self.trainer, self.global_step):
             return
         counters = self.tokens_since_fired  # read here, where the logger reads anyway
-        if type(counters) is Tensor:  # not sharded: one read of its maximum
-            self.counter_bound.refresh(counters, int(counters.max()))
+        if type(counters) is Tensor:  # not sharded: one read, sorted on the device
+            self.counter_bound.refresh(counters, counters.sort().values.tolist())
         for key, value in metrics.items():
             self.log(key, value)
 

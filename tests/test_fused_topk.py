@@ -289,13 +289,17 @@ def test_topk_encode_with_dead_gradcheck_float64(chunk_rows) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_auxk_selected_in_the_forward_pass_needs_no_second_product(seed, monkeypatch) -> None:
+@pytest.mark.parametrize(("n_dead", "at_most"), [(40, None), (40, 100), (3, None), (3, 4), (3, 3)])
+def test_auxk_selected_in_the_forward_pass_needs_no_second_product(
+    seed, n_dead, at_most, monkeypatch
+) -> None:
     sae = make_sae("linear", seed)
     x = torch.randn(B, D_IN) * 2 + 1
     dead = torch.zeros(D_SAE, dtype=torch.bool)
-    dead[torch.randperm(D_SAE)[:40]] = True
-    out = sae.run(x, dead=DeadLatents(dead))
-    assert isinstance(out.aux_source, DeadSelection) and out.aux_source.values.shape == (B, 6)
+    dead[torch.randperm(D_SAE)[:n_dead]] = True
+    out = sae.run(x, dead=DeadLatents(dead, at_most))
+    width = 6 if at_most is None else min(6, at_most)  # k_aux 6, or the caller's bound
+    assert isinstance(out.aux_source, DeadSelection) and out.aux_source.values.shape == (B, width)
     reference = auxk_loss(sae.pre_activations(x), x, x - out.x_hat, sae.decoder, dead, 6)
     recomputed = []
     real = auxk.dead_topk_encode
@@ -317,7 +321,7 @@ def test_auxk_known_to_have_no_dead_latent_is_zero_without_work() -> None:
     sae = make_sae("linear", 0)
     x = torch.randn(B, D_IN)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
-    out = sae.run(x, dead=DeadLatents(dead, none_dead=True))
+    out = sae.run(x, dead=DeadLatents(dead, at_most=0))
     assert isinstance(out.aux_source, DeadSelection) and out.aux_source.values.shape == (B, 0)
     term = sae.sparsity.auxiliary_losses(out.aux_source, x, x - out.x_hat, sae.decoder, dead)
     assert term["auxk"].item() == 0.0

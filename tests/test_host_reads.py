@@ -32,8 +32,8 @@ LOGGING_STEPS = {LOG_EVERY - 1, 2 * LOG_EVERY - 1}  # 0-based steps whose metric
 MAX_READS_ON_A_LOGGING_STEP = 20
 """Reads allowed on a logging step (16 to 18 here): the TensorBoard logger's ``.item()`` of each
 of the 9 values logged, 3 for the progress bar, 1 for the NonFiniteGuard's check, 1 or 2 for the
-checkpoint (every 10 steps here, on the logging steps), 1 for the largest dead-latent counter
-(the host's bound on it, :mod:`sae_lightning.counter_bound`), and the sparsity plugin's own."""
+checkpoint (every 10 steps here, on the logging steps), 1 for the dead-latent counters (the host's
+bound on how many can be dead, :mod:`sae_lightning.counter_bound`), and the plugin's own."""
 
 PLUGIN_DIRS = ("sparsity/", "kernels/")
 """Where the sparsity plugins' own reads are (components/sparsity/, kernels/)."""

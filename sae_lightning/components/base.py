@@ -97,9 +97,9 @@ class DeadLatents(NamedTuple):
 
     mask: Tensor
     """``(d_sae,)`` bool: the mask the step's ``auxiliary_losses`` receives (the same tensor)."""
-    none_dead: bool = False
-    """True when the caller knows, without reading the device, that ``mask`` is all False (no
-    latent has gone unfired for the dead window yet): the plugin may skip that work."""
+    at_most: int | None = None
+    """An upper bound on the latents ``mask`` marks, known on the host without reading the
+    device (0: none can be dead yet), or None: the plugin may size its work by it."""
 
 
 class SparsityOutput(NamedTuple):

@@ -69,7 +69,8 @@ class DeadSelection(NamedTuple):
 
     values: Tensor
     """``(batch, width)`` the selected pre-activations; 0 (and no gradient) in the slots past a
-    row's dead latents. ``width`` is ``min(k_aux, d_sae)``, or 0 when none can be dead."""
+    row's dead latents. ``width`` is ``min(k_aux, d_sae)``, or the caller's bound on the number
+    of dead latents when smaller (0: none can be dead)."""
     indices: Tensor
     """``(batch, width)`` their latent ids."""
     dead: Tensor
@@ -259,8 +260,8 @@ def topk_encode_with_dead(
         chunk_rows = default_chunk_rows(x.shape[0], weight.shape[0], x.element_size(), x.device)
     select = with_dead_topk(topk_selection(k), width, dead)
     values, indices = TopKEncoder.apply(*inputs, select, None, chunk_rows)
-    selection = DeadSelection(values[:, :width], indices[:, :width], dead, inputs)
-    return values[:, width:], indices[:, width:], selection
+    values, indices, aux_values, aux_indices = _split(values, indices, width)
+    return values, indices, DeadSelection(aux_values, aux_indices, dead, inputs)
 
 
 def batch_topk_encode_with_dead(
@@ -285,8 +286,9 @@ def batch_topk_encode_with_dead(
     if width == 0:
         return (*_encode_padded(inputs, select, None), _no_dead(inputs, dead))
     values, indices, valid = _encode_padded(inputs, with_dead_topk(select, width, dead), None)
-    selection = DeadSelection(values[:, :width], indices[:, :width], dead, inputs)
-    return values[:, width:], indices[:, width:], valid[:, width:], selection
+    values, indices, aux_values, aux_indices = _split(values, indices, width)
+    selection = DeadSelection(aux_values, aux_indices, dead, inputs)
+    return values, indices, valid[:, width:].contiguous(), selection
 
 
 def dead_topk_encode(
@@ -325,6 +327,17 @@ def with_dead_topk(
         )
 
     return both
+
+
+def _split(values: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The codes' columns and the dead selection's (the first ``width``), each contiguous, as
+    the decoders' ``embedding_bag`` needs them."""
+    return (
+        values[:, width:].contiguous(),
+        indices[:, width:].contiguous(),
+        values[:, :width].contiguous(),
+        indices[:, :width].contiguous(),
+    )
 
 
 def _no_dead(inputs: EncoderInputs, dead: Tensor) -> DeadSelection:

@@ -9,7 +9,8 @@ No form reads the device on the host: shapes are fixed by ``k_aux``, slots past 
 latents hold 0, and with no dead latent the scale, hence the term, is exactly zero. On the fused
 path the forward pass selects the dead latents from its own product chunks when it is given the
 dead mask (:class:`DeadSelection`), so the term costs a sparse decode and no encoder work; the
-caller may also say that no latent can be dead (:class:`DeadLatents`), which skips the term.
+caller may also bound how many latents are dead (:class:`DeadLatents`), which narrows the
+selection to that many per row (0 skips the term).
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def selected_auxk_loss(
     k_aux: int,
 ) -> Tensor:
     """:func:`auxk_loss` from the dead latents the fused forward pass selected: a sparse decode,
-    no encoder work. ``selection`` must have been made with ``dead``; a width of 0 means the
-    caller knew that no latent is dead, and the term is 0.
+    no encoder work. ``selection`` must have been made with ``dead``; a width below
+    ``min(k_aux, d_sae)`` means the caller bounded the dead latents by it (0: none is dead, and
+    the term is 0).
 
     Args:
         selection: this step's :class:`DeadSelection`.
@@ -187,11 +189,12 @@ class AuxKSparsity(SparsityFn):
 
     def dead_width(self, dead: DeadLatents | None) -> int | None:
         """Dead latents per row the fused forward pass selects for AuxK: ``min(k_aux, d_sae)``,
-        0 when ``dead`` says none can be dead, None (select none, the term recomputes them)
-        without a mask or with AuxK off."""
+        or fewer when ``dead`` bounds how many are dead (every row has at most that many);
+        None (select none, the term recomputes them) without a mask or with AuxK off."""
         if dead is None or self.config.aux_coefficient == 0:
             return None
-        return 0 if dead.none_dead else min(self.k_aux, self.d_sae)
+        width = min(self.k_aux, self.d_sae)
+        return width if dead.at_most is None else min(width, dead.at_most)
 
     @property
     def auxiliary_loss_switch(self) -> str | None:
