@@ -27,8 +27,9 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from sae_lightning.cadence import logs_step
-from sae_lightning.components.base import Codes, Touched, total_variance_share
+from sae_lightning.components.base import Codes, DeadLatents, Touched, total_variance_share
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
+from sae_lightning.counter_bound import CounterBound
 from sae_lightning.errors import ConfigError
 from sae_lightning.functional import (
     as_points,
@@ -194,6 +195,7 @@ class SAEModule(pl.LightningModule):
         # Tokens since each latent last fired; part of the checkpoint for exact resume.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self.counter_bound = CounterBound(self.tokens_since_fired)
         self.dead_key = dead_fraction_key(self.loss_config.dead_window_tokens)
         self.val_fvu = FractionOfVarianceUnexplained(d_in)
         self.val_l0 = MeanMetric()
@@ -255,11 +257,14 @@ class SAEModule(pl.LightningModule):
 
         Under DDP every rank must call it (it holds collectives).
         """
-        out = self.sae.run(x, step=step)
+        dead = self.dead_mask()
+        window = self.loss_config.dead_window_tokens
+        at_most = self.counter_bound.at_most_dead(self.tokens_since_fired, window)
+        out = self.sae.run(x, step=step, dead=DeadLatents(dead, at_most))
         diff = x - out.x_hat  # computed once: loss, AuxK residual and metrics share it
         recon = self.reconstruction_loss(x, out.x_hat, diff)
         residual = diff.detach()
-        aux = self.sae.auxiliary_losses(out.aux_source, x, residual, self.dead_mask())
+        aux = self.sae.auxiliary_losses(out.aux_source, x, residual, dead)
         terms = {"reconstruction": recon, **out.penalties, **aux}
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         metrics = core_metrics(loss, terms, out.codes)
@@ -298,14 +303,19 @@ class SAEModule(pl.LightningModule):
         """
         if not logs_step(self.trainer, self.global_step):
             return
+        counters = self.tokens_since_fired  # read here, where the logger reads anyway
+        if type(counters) is Tensor:  # not sharded: one read, sorted on the device
+            self.counter_bound.refresh(counters, counters.sort().values.tolist())
         for key, value in metrics.items():
             self.log(key, value)
 
     @torch.no_grad()
     def _update_dead_counters(self, fire_counts: Tensor, n_tokens: int | Tensor) -> None:
+        intact = self.counter_bound.intact(self.tokens_since_fired)
         self.tokens_seen += n_tokens
         fired = fire_counts > 0
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+        self.counter_bound.advance(self.tokens_since_fired, n_tokens if intact else None)
 
     @torch.no_grad()
     def resample_latents(

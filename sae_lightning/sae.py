@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from sae_lightning.components.base import (
     AuxSource,
     Codes,
+    DeadLatents,
     Decoder,
     Encoder,
     SparsityFn,
@@ -139,19 +140,29 @@ class SparseAutoencoder(nn.Module):
             x = x - self.decoder.b_dec
         return self.encoder(x)
 
-    def run(self, x: Tensor, *, step: int = 0) -> ForwardOutput:
-        """Encode, sparsify and decode one batch, keeping every intermediate."""
-        out, pre_acts = self._sparsify(self._scaled(x), step)
+    def run(self, x: Tensor, *, step: int = 0, dead: DeadLatents | None = None) -> ForwardOutput:
+        """Encode, sparsify and decode one batch, keeping every intermediate.
+
+        Args:
+            x: ``(batch, d_in)`` inputs.
+            step: the global step (for step-dependent sparsity plugins).
+            dead: the dead latents that :meth:`auxiliary_losses` of this step will get (the
+                same mask tensor), when known now: a fused path then selects what the
+                auxiliary loss needs from its own product (AuxK costs no second product).
+        """
+        out, pre_acts = self._sparsify(self._scaled(x), step, dead)
         source = out.aux_source if out.aux_source is not None else pre_acts
         x_hat = self._unscaled(self.decoder(out.codes))
         return ForwardOutput(x_hat, out.codes, pre_acts, out.losses, source)
 
-    def _sparsify(self, x: Tensor, step: int) -> tuple[SparsityOutput, Tensor | None]:
+    def _sparsify(
+        self, x: Tensor, step: int, dead: DeadLatents | None = None
+    ) -> tuple[SparsityOutput, Tensor | None]:
         """Codes of ``x`` by the fused path when available, else encoder then sparsity."""
         if self.fused and x.shape[0] > 0:
             # an encoder's own encode-and-select first, then the sparsity plugin's fused path
             own = self.encoder.fused_sparsify(x, self.sparsity, step=step, decoder=self.decoder)
-            fused = own if own is not None else self._fused_encode(x, step)
+            fused = own if own is not None else self._fused_encode(x, step, dead)
             if fused is not None:
                 return fused, None
         pre_acts = self._pre_activations(x)
@@ -159,7 +170,9 @@ class SparseAutoencoder(nn.Module):
             return self._sparsify_pointwise(pre_acts, step), pre_acts
         return self.sparsity(pre_acts, step=step, decoder=self.decoder), pre_acts
 
-    def _fused_encode(self, x: Tensor, step: int) -> SparsityOutput | None:
+    def _fused_encode(
+        self, x: Tensor, step: int, dead: DeadLatents | None
+    ) -> SparsityOutput | None:
         """The sparsity plugin's fused path on an affine encoder; None when either declines."""
         if not self.encoder.trains_through_affine:
             return None
@@ -168,7 +181,7 @@ class SparseAutoencoder(nn.Module):
             return None
         shift = self.decoder.b_dec if self.encoder.center_input else None
         inputs = EncoderInputs(x, shift, *affine)
-        return self.sparsity.fused_encode(inputs, step=step, decoder=self.decoder)
+        return self.sparsity.fused_encode(inputs, step=step, decoder=self.decoder, dead=dead)
 
     def _sparsify_pointwise(self, maps: Tensor, step: int) -> SparsityOutput:
         """Apply a vector sparsity plugin to concept maps, each grid point one row."""

@@ -21,6 +21,7 @@ from sae_lightning.components.sparsity import batchtopk
 from sae_lightning.kernels import (
     EncoderInputs,
     batch_topk_encode,
+    batch_topk_encode_with_dead,
     batch_topk_select,
     memory,
     select,
@@ -143,6 +144,24 @@ def test_gradcheck_float64(mode) -> None:
     assert torch.autograd.gradcheck(encode, (x, s, w, b))
 
 
+def test_gradcheck_float64_with_the_dead_selection() -> None:
+    torch.manual_seed(3)
+    x, s, w, b = f64_inputs()
+    dead = torch.zeros(w.shape[0], dtype=torch.bool)
+    dead[[2, 9, 11, 25, 38]] = True  # 5 dead, 7 slots: two per row stay empty
+
+    def encode(x, s, w, b):
+        values, indices, valid, sel = batch_topk_encode_with_dead(
+            EncoderInputs(x, s, w, b), 3 * x.shape[0], dead, 7, positive=True
+        )
+        assert (sel.values == 0).sum() == 2 * x.shape[0] and dead[
+            sel.indices[sel.values != 0]
+        ].all()
+        return scatter(torch.relu(values), indices, valid, w.shape[0]), sel.values
+
+    assert torch.autograd.gradcheck(encode, (x, s, w, b))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fused_float64_matches_dense_float64(seed) -> None:
     sae = make_sae("linear", seed).double()
@@ -218,12 +237,15 @@ def test_fused_training_matches_dense(seed, kind, decoder, monkeypatch) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("n_dead", [0, 3, 40, D_SAE])
-def test_fused_auxk_matches_dense(seed, n_dead) -> None:
+@pytest.mark.parametrize("dead_at_forward", [False, True])
+def test_fused_auxk_matches_dense(seed, n_dead, dead_at_forward) -> None:
     sae = make_sae("linear", seed)
     x = torch.randn(B, D_IN) * 2 + 1
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE)[:n_dead]] = True
-    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, model_d) = run_both(sae, x, dead)
+    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, model_d) = run_both(
+        sae, x, dead, dead_at_forward=dead_at_forward
+    )
     close(loss_f, loss_d)
     for name in grads_d:
         close(grads_f[name], grads_d[name])

@@ -13,8 +13,11 @@ import torch
 from fused_paths import run_both
 from torch.testing import assert_close
 
+from sae_lightning.components.base import DeadLatents
+from sae_lightning.components.sparsity import auxk
 from sae_lightning.components.sparsity.auxk import auxk_loss
 from sae_lightning.kernels import (
+    DeadSelection,
     EncoderInputs,
     batch_topk_encode,
     batch_topk_select,
@@ -24,6 +27,7 @@ from sae_lightning.kernels import (
     sparse_decode,
     sparse_weight_grad,
     topk_encode,
+    topk_encode_with_dead,
     topk_select,
     weight_grad,
 )
@@ -246,12 +250,15 @@ def test_fused_run_matches_dense_values_and_gradients(
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("n_dead", [0, 3, 40, D_SAE])
-def test_fused_auxk_matches_dense(seed, n_dead) -> None:
+@pytest.mark.parametrize("dead_at_forward", [False, True])
+def test_fused_auxk_matches_dense(seed, n_dead, dead_at_forward) -> None:
     sae = make_sae("linear", seed)
     x = torch.randn(B, D_IN) * 2 + 1
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE)[:n_dead]] = True
-    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, _) = run_both(sae, x, dead)
+    (_, loss_f, grads_f, _), (out_d, loss_d, grads_d, _) = run_both(
+        sae, x, dead, dead_at_forward=dead_at_forward
+    )
     close(loss_f, loss_d)
     for name in grads_d:
         close(grads_f[name], grads_d[name])
@@ -262,6 +269,63 @@ def test_fused_auxk_matches_dense(seed, n_dead) -> None:
         assert aux.item() == 0.0
     else:
         assert aux.item() > 0
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_topk_encode_with_dead_gradcheck_float64(chunk_rows) -> None:
+    torch.manual_seed(2)
+    x, s, w, b = f64_inputs()
+    dead = torch.zeros(w.shape[0], dtype=torch.bool)
+    dead[[1, 5, 17, 30]] = True  # 4 dead, 6 slots: two per row stay empty (0, no gradient)
+
+    def encode(x, s, w, b):
+        values, _, sel = topk_encode_with_dead(
+            EncoderInputs(x, s, w, b), 5, dead, 6, chunk_rows=chunk_rows
+        )
+        assert sel.dead is dead and (sel.values == 0).sum() == 2 * x.shape[0]
+        return values, sel.values
+
+    assert torch.autograd.gradcheck(encode, (x, s, w, b))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(("n_dead", "at_most"), [(40, None), (40, 100), (3, None), (3, 4), (3, 3)])
+def test_auxk_selected_in_the_forward_pass_needs_no_second_product(
+    seed, n_dead, at_most, monkeypatch
+) -> None:
+    sae = make_sae("linear", seed)
+    x = torch.randn(B, D_IN) * 2 + 1
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE)[:n_dead]] = True
+    out = sae.run(x, dead=DeadLatents(dead, at_most))
+    width = 6 if at_most is None else min(6, at_most)  # k_aux 6, or the caller's bound
+    assert isinstance(out.aux_source, DeadSelection) and out.aux_source.values.shape == (B, width)
+    reference = auxk_loss(sae.pre_activations(x), x, x - out.x_hat, sae.decoder, dead, 6)
+    recomputed = []
+    real = auxk.dead_topk_encode
+    monkeypatch.setattr(
+        auxk, "dead_topk_encode", lambda *a, **kw: recomputed.append(1) or real(*a, **kw)
+    )
+    term = sae.sparsity.auxiliary_losses(out.aux_source, x, x - out.x_hat, sae.decoder, dead)
+    close(term["auxk"], sae.sparsity.config.aux_coefficient * reference)
+    assert not recomputed
+    # asked with another mask tensor than the forward pass selected with: selected again
+    term = sae.sparsity.auxiliary_losses(
+        out.aux_source, x, x - out.x_hat, sae.decoder, dead.clone()
+    )
+    close(term["auxk"], sae.sparsity.config.aux_coefficient * reference)
+    assert recomputed == [1]
+
+
+def test_auxk_known_to_have_no_dead_latent_is_zero_without_work() -> None:
+    sae = make_sae("linear", 0)
+    x = torch.randn(B, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    out = sae.run(x, dead=DeadLatents(dead, at_most=0))
+    assert isinstance(out.aux_source, DeadSelection) and out.aux_source.values.shape == (B, 0)
+    term = sae.sparsity.auxiliary_losses(out.aux_source, x, x - out.x_hat, sae.decoder, dead)
+    assert term["auxk"].item() == 0.0
+    assert auxk_loss(sae.pre_activations(x), x, x - out.x_hat, sae.decoder, dead, 6).item() == 0
 
 
 def test_auxk_takes_its_source_from_the_run_output_not_from_plugin_state() -> None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from sae_lightning.config import PluginConfig
 from sae_lightning.functional import as_points
 from sae_lightning.kernels.decode import sparse_decode
-from sae_lightning.kernels.encode import EncoderInputs
+from sae_lightning.kernels.encode import DeadSelection, EncoderInputs
 from sae_lightning.solo import trains_alone
 
 
@@ -83,9 +83,24 @@ class Codes(NamedTuple):
         return self.values.abs().sum(dim=1)
 
 
-AuxSource = Tensor | EncoderInputs
+AuxSource = Tensor | EncoderInputs | DeadSelection
 """What a sparsity plugin's auxiliary loss starts from: the ``(batch, d_sae)`` pre-activations
-(dense path), or the linear encoder's inputs (fused path, which never materialises them)."""
+(dense path), the linear encoder's inputs (fused path, which never materialises them), or the
+dead latents the fused pass already selected from its own product (AuxK)."""
+
+
+class DeadLatents(NamedTuple):
+    """A training step's dead latents, known before its forward pass.
+
+    The SAE hands them to a sparsity plugin's fused path, which may then select what its
+    auxiliary loss needs from the product it computes anyway (AuxK's dead latents).
+    """
+
+    mask: Tensor
+    """``(d_sae,)`` bool: the mask the step's ``auxiliary_losses`` receives (the same tensor)."""
+    at_most: int | None = None
+    """An upper bound on the latents ``mask`` marks, known on the host without reading the
+    device (0: none can be dead yet), or None: the plugin may size its work by it."""
 
 
 class SparsityOutput(NamedTuple):
@@ -341,14 +356,24 @@ class SparsityFn(Plugin[ConfigT], nn.Module):
         raise NotImplementedError  # pragma: no cover - protocol
 
     def fused_encode(
-        self, inputs: EncoderInputs, *, step: int, decoder: Decoder
+        self,
+        inputs: EncoderInputs,
+        *,
+        step: int,
+        decoder: Decoder,
+        dead: DeadLatents | None = None,
     ) -> SparsityOutput | None:
         """Optional fused path: encode and sparsify without the ``(batch, d_sae)`` product.
 
         The SAE calls it instead of ``encoder`` + :meth:`forward` when the encoder is affine
         and trains through :meth:`Encoder.affine` (``inputs`` holds ``x``, the centring shift,
         ``W_enc`` and ``b_enc``). The codes must equal :meth:`forward`'s on
-        ``(x - shift) @ W_enc.T + b_enc``; ``aux_source`` is typically ``inputs``.
+        ``(x - shift) @ W_enc.T + b_enc``; ``aux_source`` is typically ``inputs``, or what
+        :meth:`auxiliary_losses` needs, selected in the same pass when ``dead`` is given.
+
+        Args:
+            dead: the step's dead latents when the caller knows them before the forward pass
+                (training), else None.
 
         Returns:
             The output, or None (the default) to decline: the dense path then runs.

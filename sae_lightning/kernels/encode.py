@@ -34,6 +34,7 @@ from sae_lightning.kernels.select import (
     ThresholdFn,
     batch_topk_select,
     concat,
+    dead_topk_select,
     threshold_select,
     topk_selection,
 )
@@ -56,6 +57,26 @@ class EncoderInputs(NamedTuple):
     """``(d_sae, d_in)`` encoder matrix ``W_enc``."""
     bias: Tensor | None
     """``(d_sae,)`` encoder bias ``b_enc``, or None."""
+
+
+class DeadSelection(NamedTuple):
+    """AuxK's latents, selected in the fused forward pass of the step whose term needs them.
+
+    Each row's largest pre-activations among the dead latents, taken from the same product
+    chunks as the codes, so the auxiliary term costs no second encoder product and, its shapes
+    fixed by ``k_aux``, no read of the number of dead latents.
+    """
+
+    values: Tensor
+    """``(batch, width)`` the selected pre-activations; 0 (and no gradient) in the slots past a
+    row's dead latents. ``width`` is ``min(k_aux, d_sae)``, or the caller's bound on the number
+    of dead latents when smaller (0: none can be dead)."""
+    indices: Tensor
+    """``(batch, width)`` their latent ids."""
+    dead: Tensor
+    """``(d_sae,)`` the dead mask they were selected with."""
+    inputs: EncoderInputs
+    """The step's encoder inputs, for a term asked with another mask."""
 
 
 class TopKEncoder(torch.autograd.Function):
@@ -211,6 +232,119 @@ def threshold_encode(
         return threshold_select(pre, threshold)
 
     return _encode_padded(inputs, select, chunk_rows)
+
+
+def topk_encode_with_dead(
+    inputs: EncoderInputs,
+    k: int,
+    dead: Tensor,
+    width: int,
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor, DeadSelection]:
+    """:func:`topk_encode` and AuxK's :class:`DeadSelection` from the same product chunks.
+
+    Args:
+        inputs, k, chunk_rows: as for :func:`topk_encode`.
+        dead: ``(d_sae,)`` bool mask of dead latents.
+        width: dead latents kept per row (``min(k_aux, d_sae)``; 0 selects none).
+
+    Returns:
+        ``(values, indices, selection)``: the top-k as :func:`topk_encode` returns it, and the
+        dead latents' top ``width`` per row; one backward serves both.
+    """
+    if width == 0:
+        return (*topk_encode(inputs, k, chunk_rows=chunk_rows), _no_dead(inputs, dead))
+    x, _, weight, _ = inputs
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(x.shape[0], weight.shape[0], x.element_size(), x.device)
+    select = with_dead_topk(topk_selection(k), width, dead)
+    values, indices = TopKEncoder.apply(*inputs, select, None, chunk_rows)
+    values, indices, aux_values, aux_indices = _split(values, indices, width)
+    return values, indices, DeadSelection(aux_values, aux_indices, dead, inputs)
+
+
+def batch_topk_encode_with_dead(
+    inputs: EncoderInputs,
+    n_keep: int,
+    dead: Tensor,
+    width: int,
+    *,
+    threshold_of: ThresholdFn | None = None,
+    positive: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, DeadSelection]:
+    """:func:`batch_topk_encode` and AuxK's :class:`DeadSelection` from the same product.
+
+    Args:
+        inputs, n_keep, threshold_of, positive: as for :func:`batch_topk_encode`.
+        dead, width: as for :func:`topk_encode_with_dead`.
+    """
+
+    def select(pre: Tensor) -> Selection:
+        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, positive=positive)
+
+    if width == 0:
+        return (*_encode_padded(inputs, select, None), _no_dead(inputs, dead))
+    values, indices, valid = _encode_padded(inputs, with_dead_topk(select, width, dead), None)
+    values, indices, aux_values, aux_indices = _split(values, indices, width)
+    selection = DeadSelection(aux_values, aux_indices, dead, inputs)
+    return values, indices, valid[:, width:].contiguous(), selection
+
+
+def dead_topk_encode(
+    inputs: EncoderInputs, dead: Tensor, width: int, *, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The top ``width`` pre-activations of each row among the ``dead`` latents, by a product of
+    every latent (fixed shapes, so nothing is read on the host): AuxK's term when the forward
+    pass did not select them (:func:`dead_topk_select` gives the layout)."""
+    x, _, weight, _ = inputs
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(x.shape[0], weight.shape[0], x.element_size(), x.device)
+    live = ~dead
+
+    def select(pre: Tensor) -> Selection:
+        return dead_topk_select(pre, width, live)
+
+    return TopKEncoder.apply(*inputs, select, None, chunk_rows)
+
+
+def with_dead_topk(
+    select: Callable[[Tensor], Selection], width: int, dead: Tensor
+) -> Callable[[Tensor], Selection]:
+    """``select``, then :func:`dead_topk_select` of the same chunk, its ``width`` columns first
+    (a chunk padded by :func:`concat` grows at the end, past them)."""
+    live = ~dead
+
+    def both(pre: Tensor) -> Selection:
+        values, indices, valid = select(pre)  # before the dead selection overwrites ``pre``
+        if valid is None:
+            valid = torch.ones_like(values, dtype=torch.bool)
+        aux_values, aux_indices, aux_valid = dead_topk_select(pre, width, live)
+        return (
+            torch.cat([aux_values, values], dim=1),
+            torch.cat([aux_indices, indices], dim=1),
+            torch.cat([aux_valid, valid], dim=1),
+        )
+
+    return both
+
+
+def _split(values: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The codes' columns and the dead selection's (the first ``width``), each contiguous, as
+    the decoders' ``embedding_bag`` needs them."""
+    return (
+        values[:, width:].contiguous(),
+        indices[:, width:].contiguous(),
+        values[:, :width].contiguous(),
+        indices[:, :width].contiguous(),
+    )
+
+
+def _no_dead(inputs: EncoderInputs, dead: Tensor) -> DeadSelection:
+    """A :class:`DeadSelection` of width 0 (no latent can be dead)."""
+    x = inputs.x
+    empty = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
+    return DeadSelection(x.new_zeros(x.shape[0], 0), empty, dead, inputs)
 
 
 def _encode_padded(

@@ -56,6 +56,20 @@ def topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, cand.gather(1, j)
 
 
+def dead_topk_select(pre: Tensor, k: int, live: Tensor) -> Selection:
+    """AuxK's selection: the top ``k`` of each row of ``pre`` ``(rows, n)`` among the latents
+    not ``live`` (``(n,)`` bool), as ``(values, indices, valid)``, all ``(rows, k)``.
+
+    Overwrites ``pre``'s live columns with ``-inf`` (callers pass a scratch chunk, so no second
+    ``(rows, n)`` tensor exists). Where a row has fewer than ``k`` such latents the remaining
+    slots hold value 0 and are False in ``valid``, as the dense AuxK zeroes them; the shapes do
+    not depend on how many latents are dead, so nothing is read on the host.
+    """
+    values, indices = topk_select(pre.masked_fill_(live, -torch.inf), k)
+    valid = torch.isfinite(values)
+    return values.masked_fill(~valid, 0.0), indices, valid
+
+
 def topk_selection(k: int) -> Callable[[Tensor], Selection]:
     def select(pre: Tensor) -> Selection:
         values, indices = topk_select(pre, k)

@@ -5,10 +5,12 @@ residual ``e = x - x_hat`` (no bias: the residual already excludes it). The term
 the batch's total variance and scaled by ``min(n_dead / k_aux, 1)`` as sparsify and SAELens do.
 Under DDP the normaliser is this rank's share of the global batch's variance
 (``total_variance_share``), so the average over ranks is the one-process term.
-The dense form (:func:`auxk_loss`) never synchronises with the host: with no dead latent the
-term is exactly zero. The fused form (:func:`fused_auxk_loss`), used when the TopK forward ran
-sparse, reads the number of dead latents (free on CPU, one host sync on accelerators) so that it
-can skip the term outright or multiply the encoder by the dead latents' rows only.
+No form reads the device on the host: shapes are fixed by ``k_aux``, slots past a row's dead
+latents hold 0, and with no dead latent the scale, hence the term, is exactly zero. On the fused
+path the forward pass selects the dead latents from its own product chunks when it is given the
+dead mask (:class:`DeadSelection`), so the term costs a sparse decode and no encoder work; the
+caller may also bound how many latents are dead (:class:`DeadLatents`), which narrows the
+selection to that many per row (0 skips the term).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from torch import Tensor
 from sae_lightning.components.base import (
     AuxSource,
     Codes,
+    DeadLatents,
     Decoder,
     SparsityFn,
     total_variance_share,
 )
 from sae_lightning.config import PluginConfig
-from sae_lightning.kernels.encode import EncoderInputs, topk_encode
+from sae_lightning.kernels.encode import DeadSelection, EncoderInputs, dead_topk_encode
 
 
 class AuxKConfig(PluginConfig):
@@ -58,9 +61,28 @@ def auxk_loss(
     masked = torch.where(dead.unsqueeze(0), pre_acts, torch.full_like(pre_acts, -torch.inf))
     values, indices = masked.topk(k_aux, dim=1, sorted=False)  # (batch, k_aux)
     values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
-    e_hat = decoder.decode_without_bias(Codes(values, indices, pre_acts.shape[1]))
-    n_dead = dead.sum().to(pre_acts.dtype)
-    scale = (n_dead / k_aux).clamp(max=1.0)
+    return auxk_of_selection(values, indices, x, residual, decoder, dead, k_aux)
+
+
+def auxk_of_selection(
+    values: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    residual: Tensor,
+    decoder: Decoder,
+    dead: Tensor,
+    k_aux: int,
+) -> Tensor:
+    """The AuxK term of the selected dead latents, ``(batch, width)`` values and ids (0 in the
+    slots past a row's dead latents). With no dead latent the scale is 0 on the device, so the
+    term is exactly zero without a host branch.
+
+    Args:
+        x, residual, decoder, dead: as for :func:`auxk_loss`.
+        k_aux: ``min(k_aux, d_sae)``, for the scale.
+    """
+    e_hat = decoder.decode_without_bias(Codes(values, indices, dead.shape[0]))
+    scale = (dead.sum().to(values.dtype) / k_aux).clamp(max=1.0)
     total_variance = total_variance_share(x).clamp_min(1e-12)
     return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
 
@@ -68,29 +90,44 @@ def auxk_loss(
 def fused_auxk_loss(
     inputs: EncoderInputs, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor, k_aux: int
 ) -> Tensor:
-    """:func:`auxk_loss` without the ``(batch, d_sae)`` pre-activations.
-
-    The pre-activations of the dead latents alone are recomputed from the encoder's inputs, in
-    row chunks, and their top ``k_aux`` per row go through the same sparse autograd function as
-    the TopK forward; the cost is ``n_dead / d_sae`` of the encoder product, nothing when none
-    is dead. The result equals :func:`auxk_loss` on the full pre-activations.
+    """:func:`auxk_loss` without the ``(batch, d_sae)`` pre-activations, when the forward pass
+    did not select the dead latents: the product of every latent again, in row chunks, of
+    which each row keeps its top ``k_aux`` dead latents; the selected values go through the
+    same sparse autograd function as the TopK forward. Shapes do not depend on how many
+    latents are dead, so nothing is read on the host. Equals :func:`auxk_loss` on the full
+    pre-activations.
 
     Args:
         inputs: the encoder inputs kept by the fused forward of this step.
         x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
     """
-    d_sae = dead.shape[0]
-    k_aux = min(k_aux, d_sae)
-    rows = dead.nonzero().squeeze(1)  # (n_dead,) latent ids; host sync on accelerators
-    n_dead = rows.numel()
-    if n_dead == 0:
+    k_aux = min(k_aux, dead.shape[0])
+    values, indices = dead_topk_encode(inputs, dead, k_aux)
+    return auxk_of_selection(values, indices, x, residual, decoder, dead, k_aux)
+
+
+def selected_auxk_loss(
+    selection: DeadSelection,
+    x: Tensor,
+    residual: Tensor,
+    decoder: Decoder,
+    dead: Tensor,
+    k_aux: int,
+) -> Tensor:
+    """:func:`auxk_loss` from the dead latents the fused forward pass selected: a sparse decode,
+    no encoder work. ``selection`` must have been made with ``dead``; a width below
+    ``min(k_aux, d_sae)`` means the caller bounded the dead latents by it (0: none is dead, and
+    the term is 0).
+
+    Args:
+        selection: this step's :class:`DeadSelection`.
+        x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
+    """
+    if selection.values.shape[1] == 0:
         return x.new_zeros(())
-    # (batch, min(k_aux, n_dead)) pre-activations and global latent ids
-    values, indices = topk_encode(inputs, min(k_aux, n_dead), rows=rows)
-    e_hat = decoder.decode_without_bias(Codes(values, indices, d_sae))
-    scale = min(n_dead / k_aux, 1.0)
-    total_variance = total_variance_share(x).clamp_min(1e-12)
-    return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+    k_aux = min(k_aux, dead.shape[0])
+    values, indices = selection.values, selection.indices
+    return auxk_of_selection(values, indices, x, residual, decoder, dead, k_aux)
 
 
 def auxk_terms(
@@ -105,14 +142,14 @@ def auxk_terms(
 ) -> dict[str, Tensor]:
     """``{"auxk": coefficient * term}`` for a TopK-family plugin's ``auxiliary_losses``.
 
-    The dense term from ``(batch, d_sae)`` pre-activations, the fused one from the encoder's
-    inputs (the ``aux_source`` of the plugin's ``fused_encode``); ``{}`` when ``coefficient``
-    is 0.
+    The dense term from ``(batch, d_sae)`` pre-activations; the fused one from the dead latents
+    the forward pass selected (a :class:`DeadSelection` made with this ``dead``), else from the
+    encoder's inputs; ``{}`` when ``coefficient`` is 0.
 
     Args:
         owner: the plugin's class name, for the error message.
         coefficient: ``aux_coefficient``.
-        source: the pre-activations or the encoder inputs of this step.
+        source: the pre-activations, the dead selection or the encoder inputs of this step.
         x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
 
     Raises:
@@ -120,7 +157,12 @@ def auxk_terms(
     """
     if coefficient == 0:
         return {}
-    if isinstance(source, EncoderInputs):
+    if isinstance(source, DeadSelection):
+        if source.dead is dead:
+            aux = selected_auxk_loss(source, x, residual, decoder, dead, k_aux)
+        else:  # selected with another mask: select again
+            aux = fused_auxk_loss(source.inputs, x, residual, decoder, dead, k_aux)
+    elif isinstance(source, EncoderInputs):
         aux = fused_auxk_loss(source, x, residual, decoder, dead, k_aux)
     elif source is not None:
         aux = auxk_loss(source, x, residual, decoder, dead, k_aux)
@@ -140,6 +182,19 @@ class AuxKSparsity(SparsityFn):
     auxk_owner: ClassVar[str]
     config: AuxKConfig
     k_aux: int
+
+    def __init__(self, config: AuxKConfig, *, d_in: int, d_sae: int) -> None:
+        super().__init__(config, d_in=d_in, d_sae=d_sae)
+        self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
+
+    def dead_width(self, dead: DeadLatents | None) -> int | None:
+        """Dead latents per row the fused forward pass selects for AuxK: ``min(k_aux, d_sae)``,
+        or fewer when ``dead`` bounds how many are dead (every row has at most that many);
+        None (select none, the term recomputes them) without a mask or with AuxK off."""
+        if dead is None or self.config.aux_coefficient == 0:
+            return None
+        width = min(self.k_aux, self.d_sae)
+        return width if dead.at_most is None else min(width, dead.at_most)
 
     @property
     def auxiliary_loss_switch(self) -> str | None:

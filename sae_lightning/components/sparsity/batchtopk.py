@@ -28,7 +28,9 @@ from pydantic import Field
 from torch import Tensor
 
 from sae_lightning.components.base import (
+    AuxSource,
     Codes,
+    DeadLatents,
     Decoder,
     PeerActivation,
     SparsityOutput,
@@ -39,6 +41,7 @@ from sae_lightning.components.sparsity.topk import check_k
 from sae_lightning.kernels.encode import (
     EncoderInputs,
     batch_topk_encode,
+    batch_topk_encode_with_dead,
     threshold_encode,
 )
 
@@ -123,7 +126,6 @@ class BatchTopK(AuxKSparsity):
     def __init__(self, config: BatchTopKConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         check_k(config.k, d_sae)
-        self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
         # Negative means "not measured yet"; inference then falls back to batch selection.
         # Kept in fp32 whatever the training precision.
         self.register_buffer("threshold", torch.tensor(-1.0))
@@ -139,7 +141,14 @@ class BatchTopK(AuxKSparsity):
             codes = batch_topk(acts, self.config.k)
         return SparsityOutput(Codes(codes, None, self.d_sae), {})
 
-    def fused_encode(self, inputs: EncoderInputs, *, step: int, decoder: Decoder) -> SparsityOutput:
+    def fused_encode(
+        self,
+        inputs: EncoderInputs,
+        *,
+        step: int,
+        decoder: Decoder,
+        dead: DeadLatents | None = None,
+    ) -> SparsityOutput:
         """The rule of :meth:`forward` on the sparse path, without ``(batch, d_sae)`` codes.
 
         Training selects over the global batch (the same all-gather as :meth:`forward`) and
@@ -149,12 +158,17 @@ class BatchTopK(AuxKSparsity):
         Args:
             inputs: the linear encoder's input, centring shift, weight and bias.
             step, decoder: as for :meth:`forward`.
+            dead: the step's dead latents, when known: in training AuxK's are then selected
+                from the same product.
 
         Returns:
-            Sparse codes padded to the widest row (padded slots are zeros at latent 0), with
-            ``inputs`` as the ``aux_source`` (the pre-activations are never materialised).
+            Sparse codes padded to the widest row (padded slots are zeros at latent 0); the
+            ``aux_source`` is AuxK's selection when it was made, else ``inputs`` (the
+            pre-activations are never materialised).
         """
         k, batch = self.config.k, inputs.x.shape[0]
+        source: AuxSource = inputs
+        width = self.dead_width(dead)
         if self.training:
             world = data_parallel_world_size()
             n_keep = k * batch * world
@@ -164,9 +178,14 @@ class BatchTopK(AuxKSparsity):
                 self._update_threshold(smallest)
                 return threshold
 
-            values, indices, _ = batch_topk_encode(
-                inputs, n_keep, threshold_of=threshold_of, positive=True
-            )
+            if width is None or dead is None:
+                values, indices, _ = batch_topk_encode(
+                    inputs, n_keep, threshold_of=threshold_of, positive=True
+                )
+            else:
+                values, indices, _, source = batch_topk_encode_with_dead(
+                    inputs, n_keep, dead.mask, width, threshold_of=threshold_of, positive=True
+                )
         elif bool(self.threshold >= 0):
             values, indices, _ = threshold_encode(inputs, self.threshold)
         else:
@@ -177,7 +196,7 @@ class BatchTopK(AuxKSparsity):
             values, indices, _ = batch_topk_encode(
                 inputs, k * batch, threshold_of=local_threshold, positive=True
             )
-        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}, inputs)
+        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}, source)
 
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:

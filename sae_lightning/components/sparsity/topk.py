@@ -13,14 +13,16 @@ from pydantic import Field
 from torch import Tensor
 
 from sae_lightning.components.base import (
+    AuxSource,
     Codes,
+    DeadLatents,
     Decoder,
     PeerActivation,
     SparsityOutput,
 )
 from sae_lightning.components.sparsity.auxk import AuxKConfig, AuxKSparsity
 from sae_lightning.errors import ConfigError
-from sae_lightning.kernels.encode import EncoderInputs, topk_encode
+from sae_lightning.kernels.encode import EncoderInputs, topk_encode, topk_encode_with_dead
 from sae_lightning.kernels.select import topk_select
 
 
@@ -49,26 +51,41 @@ class TopK(AuxKSparsity):
     def __init__(self, config: TopKConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         check_k(config.k, d_sae)
-        self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         values, indices = topk_select(pre_acts, self.config.k)  # (batch, k)
         return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {})
 
-    def fused_encode(self, inputs: EncoderInputs, *, step: int, decoder: Decoder) -> SparsityOutput:
+    def fused_encode(
+        self,
+        inputs: EncoderInputs,
+        *,
+        step: int,
+        decoder: Decoder,
+        dead: DeadLatents | None = None,
+    ) -> SparsityOutput:
         """Encode and select in one sparse autograd step: the top k of ``inputs``' product.
 
         Args:
             inputs: the linear encoder's input, centring shift, weight and bias.
             step, decoder: as for :meth:`forward`.
+            dead: the step's dead latents, when known: AuxK's are then selected from the same
+                product chunks.
 
         Returns:
-            The codes, with ``inputs`` as the ``aux_source``: the pre-activations are never
-            materialised, and the AuxK term of the same step recomputes what it needs.
+            The codes; the ``aux_source`` is AuxK's selection when ``dead`` was given, else
+            ``inputs`` (the pre-activations are never materialised; the AuxK term of the same
+            step then recomputes what it needs).
         """
-        values, indices = topk_encode(inputs, self.config.k)
+        width = self.dead_width(dead)
+        source: AuxSource
+        if width is None or dead is None:
+            values, indices = topk_encode(inputs, self.config.k)
+            source = inputs
+        else:
+            values, indices, source = topk_encode_with_dead(inputs, self.config.k, dead.mask, width)
         codes = Codes(torch.relu(values), indices, self.d_sae)
-        return SparsityOutput(codes, {}, inputs)
+        return SparsityOutput(codes, {}, source)
 
     def peer_activation(self) -> PeerActivation:
         """SAELens ``topk`` and sparsify's TopK: ReLU of the ``k`` largest pre-activations."""
