@@ -28,10 +28,11 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 3 rows, so every batch spans many blocks (and a ragged last one)."""
-    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 3 * D_SAE * 4)
+@pytest.fixture(autouse=True, params=[3, 20], ids=["groups-of-1", "groups-of-2"])
+def small_blocks(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Groups of at most 3 or 20 rows in float32 (half as many in float64), in blocks of at
+    most 8 rows, so every batch spans many blocks and groups (and ragged last ones)."""
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", request.param * D_SAE * 4)
     monkeypatch.setattr(fused, "_TABLE_ELEMENTS", 1)
 
 

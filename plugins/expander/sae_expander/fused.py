@@ -1,10 +1,10 @@
 """Encode and select in one pass, so the ``(batch, d_sae)`` pre-activations never exist at once.
 
-The batch is encoded in blocks of rows sized to a fixed workspace (:func:`block_rows`); each
-block's pre-activations are reduced to that block's selection before the next block is computed,
-so beyond the parameters the forward keeps ``O(batch * k)`` values whatever the batch size.
-Every row is complete within its block, so a row's top-k is exact without merging partial
-results. The rules are those of the dense plugins:
+The batch is encoded in blocks of rows small enough for the cache (:func:`block_rows`), grouped
+up to a fixed workspace (:func:`group_rows`); each group's pre-activations are reduced to its
+selection before the next group is computed, so beyond the parameters the forward keeps
+``O(batch * k)`` values whatever the batch size. Every row is complete within its block, so a
+row's top-k is exact without merging partial results. The rules are those of the dense plugins:
 
 - ``signed_topk`` and ``topk``: the per-row top-k by the core's ``topk_select``, the same
   deterministic function of a row the dense path applies, so both paths pick the same latents,
@@ -23,6 +23,7 @@ term added). The backward touches only the selected entries: ``O(batch * k * d)`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import torch
@@ -32,11 +33,15 @@ from torch import Tensor
 from sae_expander.kernels import MaskLayout, selected_backward
 from sae_lightning.kernels.select import _BLOCK, Selection, concat, threshold_select
 
-WORKSPACE_BYTES = 8 * 2**20
-"""Largest block of pre-activations held at once. Rows are also capped so that the transposed
-input block (``d_in x rows``) stays in L2 cache, which the encoder's gather needs to be fast."""
+WORKSPACE_BYTES = 16 * 2**20
+"""Most pre-activations held at once (a group of blocks). A block's rows are also capped so that
+its transposed input (``d_in x rows``) stays in L2 cache, which the encoder's gather needs."""
 
 _TABLE_ELEMENTS = 1 << 16
+
+Select = Callable[[list[Tensor]], Selection]
+"""Maps a group of consecutive latent-major ``(d_sae, rows)`` blocks to the selection of their
+rows, in order."""
 
 _VECTOR = 16
 """Block rows are rounded down to a multiple of this: ``embedding_bag``'s CPU kernel adds table
@@ -66,29 +71,37 @@ class ExpanderInputs(NamedTuple):
         return self._replace(w=self.w[ids], bias=self.bias[ids], layout=self.layout.latents(ids))
 
 
+def group_rows(d_sae: int, element_size: int) -> int:
+    """Rows selected together: as many as :data:`WORKSPACE_BYTES` of pre-activations hold."""
+    return max(1, WORKSPACE_BYTES // max(1, d_sae * element_size))
+
+
 def block_rows(d_in: int, d_sae: int, element_size: int) -> int:
-    """Rows per block: the workspace bound and the cache bound on the gather table."""
-    by_workspace = WORKSPACE_BYTES // max(1, d_sae * element_size)
+    """Rows per block: the group bound and the cache bound on the gather table."""
     by_cache = _TABLE_ELEMENTS // max(1, d_in)
-    rows = max(1, min(by_workspace, max(8, by_cache)))
+    rows = max(1, min(group_rows(d_sae, element_size), max(8, by_cache)))
     return rows - rows % _VECTOR if rows >= _VECTOR else rows
 
 
-def pre_activation_blocks(
-    x: Tensor, weights: Tensor, layout: MaskLayout
-) -> Iterator[tuple[int, Tensor]]:
-    """``(first row, (d_sae, rows) block of (x @ Aᵀ + bias)ᵀ)``, no autograd.
+def pre_activation_blocks(x: Tensor, weights: Tensor, layout: MaskLayout) -> Iterator[list[Tensor]]:
+    """Groups of consecutive ``(d_sae, rows)`` blocks of ``(x @ Aᵀ + bias)ᵀ``, no autograd.
 
     ``weights`` is ``(d_sae, d + 1)``: the atoms' values, then the bias, which multiplies a
     constant-one row appended to the table (``layout.bags`` points there). Blocks come
     latent-major, as ``F.embedding_bag`` writes them (a bag per latent): the selections below
-    work in that layout, which saves transposing every block.
+    work in that layout, which saves transposing every block. A block's rows are few, so that
+    its table stays in cache (:func:`block_rows`); a group holds up to :func:`group_rows` rows,
+    enough that a selection's per-row ``torch.topk`` and ``gather`` calls split over threads
+    (they parallelise over chunks of 32768 elements: 128 rows of 256 candidates).
     """
     batch, d_in = x.shape
+    per_group = group_rows(layout.d_sae, x.element_size())
     step = block_rows(layout.d_in, layout.d_sae, x.element_size())
     if x.device.type != "cpu":  # the caching allocator recycles; cache locality is a CPU concern
-        step = max(step, WORKSPACE_BYTES // max(1, layout.d_sae * x.element_size()))
+        step = per_group
     table = x.new_ones(d_in + 1, min(step, batch))  # (d_in + 1, rows), last row: the bias input
+    group: list[Tensor] = []
+    held = 0
     with torch.no_grad():
         for s in range(0, batch, step):
             rows = min(step, batch - s)
@@ -96,7 +109,14 @@ def pre_activation_blocks(
                 table = x.new_ones(d_in + 1, rows)
             table[:d_in].copy_(x[s : s + rows].t())
             # bag j sums table[bags[j, :]] weighted by weights[j, :] -> (d_sae, rows)
-            yield s, F.embedding_bag(layout.bags, table, per_sample_weights=weights, mode="sum")
+            block = F.embedding_bag(layout.bags, table, per_sample_weights=weights, mode="sum")
+            group.append(block)
+            held += rows
+            if held + step > per_group:  # the next block would not fit
+                yield group
+                group, held = [], 0
+    if group:
+        yield group
 
 
 def with_bias(w: Tensor, bias: Tensor) -> Tensor:
@@ -104,30 +124,41 @@ def with_bias(w: Tensor, bias: Tensor) -> Tensor:
     return torch.cat([w, bias.unsqueeze(1)], dim=1)
 
 
-def topk_columns(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``topk_select(block.t(), k)`` without transposing ``block`` ``(n, rows)``, bit for bit.
+def _levels(block: Tensor, k: int) -> list[Tensor]:
+    """``topk_select``'s levels of block maxima, latent-major: ``(d_sae / 8**i, rows)``.
+
+    Level ``i + 1`` is an elementwise max of ``8`` contiguous slabs of level ``i``.
+    """
+    levels = [block]
+    while (w := levels[-1].shape[0]) % _BLOCK == 0 and w // _BLOCK >= 4 * k:
+        levels.append(levels[-1].view(_BLOCK, w // _BLOCK, block.shape[1]).amax(dim=0))
+    return levels
+
+
+def topk_columns(blocks: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """``topk_select(torch.cat(blocks, 1).t(), k)`` without transposing the ``(n, rows)`` blocks.
 
     The same narrowing through block maxima as the core's ``topk_select`` (same levels, same
     candidates in the same order, the same ``torch.topk`` calls on the same values), so the
     latents picked, ties included, are exactly those the dense path picks; only the storage
-    order differs: level ``i + 1`` is an elementwise max of ``8`` contiguous slabs of level ``i``.
+    order differs. Each ``torch.topk`` runs once over the rows of all ``blocks``.
 
     Returns:
         ``(values, indices)``, both ``(rows, k)``, unsorted.
     """
-    rows = block.shape[1]
-    levels = [block]  # levels[i] is (d_sae / 8**i, rows)
-    while (w := levels[-1].shape[0]) % _BLOCK == 0 and w // _BLOCK >= 4 * k:
-        levels.append(levels[-1].view(_BLOCK, w // _BLOCK, rows).amax(dim=0))
-    if len(levels) == 1:  # too narrow to narrow down
-        return block.t().contiguous().topk(k, dim=1, sorted=False)
-    ids = levels[-1].t().contiguous().topk(k, dim=1, sorted=False).indices  # (rows, k)
-    for level in range(len(levels) - 2, -1, -1):
-        fine, coarse_width = levels[level], levels[level + 1].shape[0]
-        offsets = torch.arange(0, fine.shape[0], coarse_width, device=block.device)
+    levels = [_levels(block, k) for block in blocks]
+    if len(levels[0]) == 1:  # too narrow to narrow down
+        return torch.cat([b.t() for b in blocks]).topk(k, dim=1, sorted=False)
+    ids = torch.cat([lv[-1].t() for lv in levels]).topk(k, dim=1, sorted=False).indices
+    spans = list(accumulate(b.shape[1] for b in blocks))  # each block's end row
+    rows = spans[-1]
+    for level in range(len(levels[0]) - 2, -1, -1):
+        fine_width, coarse_width = levels[0][level].shape[0], levels[0][level + 1].shape[0]
+        offsets = torch.arange(0, fine_width, coarse_width, device=ids.device)
         cand = (ids.unsqueeze(2) + offsets).view(rows, k * _BLOCK)  # ids at this level
-        # a gather on the transposed view, no copy: measured 2x faster than flat indexing
-        values = fine.t().gather(1, cand)  # (rows, k * 8)
+        # gathers on the transposed views, no copy: measured 2x faster than flat indexing
+        parts = zip(levels, cand.tensor_split(spans[:-1]), strict=True)
+        values = torch.cat([lv[level].t().gather(1, c) for lv, c in parts])  # (rows, k * 8)
         if level > 0:
             ids = cand.gather(1, values.topk(k, dim=1, sorted=False).indices)
     top, j = values.topk(k, dim=1, sorted=False)
@@ -138,10 +169,10 @@ class _Selected(torch.autograd.Function):
     """Selected entries of ``(x - shift) @ Aᵀ + bias``, block by block; backward ``O(k d)``.
 
     ``forward(x, shift, weights, layout, select) -> (values, indices)``, ``weights`` the
-    ``(d_sae, d + 1)`` values and bias of :func:`with_bias`; ``select`` maps each latent-major
-    block to a :data:`Selection`. Padded slots (``valid`` False) hold 0 and pass no gradient.
-    The shift's gradient is ``-(per-latent gradient sums) @ A``, one vector product, so no
-    per-row input gradient is formed unless ``x`` itself requires one.
+    ``(d_sae, d + 1)`` values and bias of :func:`with_bias`; ``select`` maps each group of
+    latent-major blocks to the :data:`Selection` of their rows. Padded slots (``valid`` False)
+    hold 0 and pass no gradient. The shift's gradient is ``-(per-latent gradient sums) @ A``,
+    one vector product, so no per-row input gradient is formed unless ``x`` itself requires one.
     """
 
     @staticmethod
@@ -151,10 +182,10 @@ class _Selected(torch.autograd.Function):
         shift: Tensor | None,
         weights: Tensor,
         layout: MaskLayout,
-        select: Callable[[Tensor], Selection],
+        select: Select,
     ) -> tuple[Tensor, Tensor]:
         x_enc = (x if shift is None else x - shift).to(weights.dtype).contiguous()  # (batch, d_in)
-        parts = [select(block) for _, block in pre_activation_blocks(x_enc, weights, layout)]
+        parts = [select(group) for group in pre_activation_blocks(x_enc, weights, layout)]
         values, indices, valid = concat(parts)
         ctx.save_for_backward(x_enc, weights, indices, valid)
         ctx.layout = layout
@@ -189,28 +220,28 @@ class _Selected(torch.autograd.Function):
         return gx, gshift, gweights, None, None
 
 
-def select_topk(k: int) -> Callable[[Tensor], Selection]:
-    """Per-row top-k of a block, as the dense ``topk`` and ``signed_topk`` select."""
+def select_topk(k: int) -> Select:
+    """Per-row top-k, as the dense ``topk`` and ``signed_topk`` select."""
 
-    def select(block: Tensor) -> Selection:
-        values, indices = topk_columns(block, k)
+    def select(blocks: list[Tensor]) -> Selection:
+        values, indices = topk_columns(blocks, k)
         return values, indices, None
 
     return select
 
 
-def select_above(threshold: Tensor | float, *, inclusive: bool) -> Callable[[Tensor], Selection]:
+def select_above(threshold: Tensor | float, *, inclusive: bool) -> Select:
     """Entries above (or at) ``threshold`` and above zero, padded per block."""
 
-    def select(block: Tensor) -> Selection:
-        return threshold_select(block.t(), threshold, inclusive=inclusive, positive=True)
+    def select(blocks: list[Tensor]) -> Selection:
+        return concat(
+            [threshold_select(b.t(), threshold, inclusive=inclusive, positive=True) for b in blocks]
+        )
 
     return select
 
 
-def encode_select(
-    inputs: ExpanderInputs, select: Callable[[Tensor], Selection]
-) -> tuple[Tensor, Tensor]:
+def encode_select(inputs: ExpanderInputs, select: Select) -> tuple[Tensor, Tensor]:
     """``(values, indices)`` of ``select`` applied block by block to the encoder's output.
 
     Values carry gradients to ``x``, ``shift``, ``w`` and ``bias`` through the selected entries
@@ -241,7 +272,8 @@ def batch_top_values(inputs: ExpanderInputs, n: int) -> Tensor:
     x, shift, w, bias, layout = inputs
     x = (x if shift is None else x - shift).to(w.dtype).contiguous()
     top = x.new_empty(0)
-    for _, block in pre_activation_blocks(x, with_bias(w, bias), layout):
+    blocks = (b for group in pre_activation_blocks(x, with_bias(w, bias), layout) for b in group)
+    for block in blocks:
         flat = block.reshape(-1)
         if top.numel() >= n:
             flat = flat[flat >= top.min()]
