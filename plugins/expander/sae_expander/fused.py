@@ -44,8 +44,8 @@ Select = Callable[[list[Tensor]], Selection]
 rows, in order."""
 
 _VECTOR = 16
-"""Block rows are rounded down to a multiple of this: ``embedding_bag``'s CPU kernel adds table
-rows ``rows`` floats wide in 16-float vectors, and a ragged tail measured 20-30% slower."""
+"""Block rows are rounded down to a multiple of this: ``embedding_bag``'s CPU kernel adds each
+table row (``rows`` floats) in 16-float vectors, and a ragged tail measured 20-30% slower."""
 
 
 class ExpanderInputs(NamedTuple):
@@ -266,7 +266,7 @@ def batch_top_values(inputs: ExpanderInputs, n: int) -> Tensor:
     """The ``n`` largest entries of the encoder's output over the batch (any order).
 
     A running top-``n``: each block contributes only its entries at or above the smallest value
-    kept so far, so memory stays ``O(n + block)``. The multiset of values is exact (ties
+    kept so far, so memory stays ``O(n + group)``. The multiset of values is exact (ties
     included), which is all a threshold needs.
     """
     x, shift, w, bias, layout = inputs
