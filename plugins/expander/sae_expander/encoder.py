@@ -40,11 +40,8 @@ class ExpanderEncoderConfig(PluginConfig):
     )
 
 
-class ExpanderEncoder(Encoder):
+class ExpanderEncoder(Encoder[ExpanderEncoderConfig]):
     """Expander-masked tied encoder: each latent reads d inputs; pair it with decoder 'expander'."""
-
-    Config = ExpanderEncoderConfig
-    config: ExpanderEncoderConfig
 
     def __init__(self, config: ExpanderEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)

@@ -61,11 +61,8 @@ def _dead_topk(pre: Tensor, dead: Tensor, k: int) -> Tensor:
     return ids[local]
 
 
-class SignedTopK(SparsityFn):
+class SignedTopK(SparsityFn[SignedTopKConfig]):
     """Signed TopK: keep the k largest pre-activations per row with their sign (no ReLU); AuxK."""
-
-    Config = SignedTopKConfig
-    config: SignedTopKConfig
 
     def __init__(self, config: SignedTopKConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
