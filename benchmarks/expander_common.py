@@ -35,7 +35,7 @@ def train_step(sae: Any, x: torch.Tensor, opt: torch.optim.Optimizer, dead: torc
     """
     out = sae.run(x)
     residual = x - out.x_hat.detach()
-    aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
+    aux = sae.auxiliary_losses(out.aux_source, x, residual, dead)
     loss = (x - out.x_hat).pow(2).sum(dim=1).mean() + sum(aux.values())
     loss.backward()
     sae.before_optimizer_step()

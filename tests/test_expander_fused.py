@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sae_expander import fused
-from sae_expander.fused import encode_select, select_above, select_topk
+from sae_expander.fused import ExpanderInputs, encode_select, select_above, select_topk
 from torch.autograd import gradcheck
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,10 +28,11 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 3 rows, so every batch spans many blocks (and a ragged last one)."""
-    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 3 * D_SAE * 4)
+@pytest.fixture(autouse=True, params=[3, 20], ids=["groups-of-1", "groups-of-2"])
+def small_blocks(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Groups of at most 3 or 20 rows in float32 (half as many in float64), in blocks of at
+    most 8 rows, so every batch spans many blocks and groups (and ragged last ones)."""
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", request.param * D_SAE * 4)
     monkeypatch.setattr(fused, "_TABLE_ELEMENTS", 1)
 
 
@@ -65,7 +66,7 @@ def step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, fused_path
     out = sae.run(x)
     assert (out.pre_acts is None) == fused_path
     residual = x - out.x_hat.detach()
-    aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
+    aux = sae.auxiliary_losses(out.aux_source, x, residual, dead)
     loss = (x - out.x_hat).pow(2).sum() + sum(aux.values(), x.new_zeros(()))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -144,7 +145,7 @@ def test_encode_select_gradcheck() -> None:
     for select in (select_topk(K), select_above(0.5, inclusive=True)):
 
         def values(x, shift, w, b, select=select):
-            return encode_select(x, shift, w, b, layout, select)[0]
+            return encode_select(ExpanderInputs(x, shift, w, b, layout), select)[0]
 
         assert gradcheck(values, (x, shift, w, b))
 

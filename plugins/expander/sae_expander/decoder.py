@@ -16,11 +16,8 @@ class ExpanderDecoderConfig(PluginConfig):
     """No parameters: the degree ``d`` and the seed are set on the expander encoder."""
 
 
-class ExpanderDecoder(Decoder):
+class ExpanderDecoder(Decoder[ExpanderDecoderConfig]):
     """Expander dictionary tied to the expander encoder: unit-norm d-sparse atoms, O(k d) decode."""
-
-    Config = ExpanderDecoderConfig
-    config: ExpanderDecoderConfig
 
     def __init__(
         self, config: ExpanderDecoderConfig, *, d_in: int, d_sae: int, encoder: Encoder

@@ -40,11 +40,8 @@ class ExpanderEncoderConfig(PluginConfig):
     )
 
 
-class ExpanderEncoder(Encoder):
+class ExpanderEncoder(Encoder[ExpanderEncoderConfig]):
     """Expander-masked tied encoder: each latent reads d inputs; pair it with decoder 'expander'."""
-
-    Config = ExpanderEncoderConfig
-    config: ExpanderEncoderConfig
 
     def __init__(self, config: ExpanderEncoderConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
@@ -66,7 +63,7 @@ class ExpanderEncoder(Encoder):
     def _set_layout(self, rows: Tensor) -> None:
         layout = MaskLayout.from_rows(rows, self.d_in)
         device = self.values.device
-        for name in ("rows", "by_input_latent", "by_input_slot", "by_input_offsets"):
+        for name in ("rows", "by_input_latent", "by_input_slot", "by_input_offsets", "bags"):
             self.register_buffer(f"_{name}", getattr(layout, name).to(device), persistent=False)
 
     @property
@@ -77,6 +74,7 @@ class ExpanderEncoder(Encoder):
             self._by_input_latent,
             self._by_input_slot,
             self._by_input_offsets,
+            self._bags,
             self.d_in,
         )
 

@@ -52,6 +52,10 @@ class MaskLayout(NamedTuple):
     """``(d_sae * d,)`` int64 position in ``w.flatten()`` of each entry of ``by_input_latent``."""
     by_input_offsets: Tensor
     """``(d_in,)`` int64 start of each input row's entries in ``by_input_latent``."""
+    bags: Tensor
+    """``(d_sae, d + 1)`` int32 ``rows``, then ``d_in``: the fused encoder's gather indices, whose
+    last entry reads a constant-one row holding the bias (int32 halves what each gather reads,
+    measured 7% faster)."""
     d_in: int
     """Number of input rows."""
 
@@ -62,11 +66,18 @@ class MaskLayout(NamedTuple):
         slot = torch.argsort(rows.reshape(-1), stable=True)  # (d_sae * d,)
         counts = torch.bincount(rows.reshape(-1), minlength=d_in)
         offsets = torch.cumsum(counts, 0) - counts
-        return cls(rows, slot // d, slot, offsets, d_in)
+        bags = F.pad(rows, (0, 1), value=d_in).int()
+        return cls(rows, slot // d, slot, offsets, bags, d_in)
 
     @property
     def d_sae(self) -> int:
         return self.rows.shape[0]
+
+    def latents(self, ids: Tensor) -> MaskLayout:
+        """The mask of the latents ``ids`` ``(n,)`` alone, for the fused encoder only: the
+        by-input orientation is left empty (nothing that reads it runs on a subset)."""
+        empty = ids.new_zeros(0)
+        return MaskLayout(self.rows[ids], empty, empty, empty, self.bags[ids], self.d_in)
 
 
 def _chunk(batch: int, table_rows: int, device: torch.device) -> int:
@@ -363,13 +374,43 @@ class _MaskedDecodeSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         values, indices, w = ctx.saved_tensors
-        layout: MaskLayout = ctx.layout
-        grad = grad.contiguous()
-        gv = gather_selected(grad, w, indices, layout) if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.needs_input_grad[2]:
-            gw = codes_value_grad(indices, values, grad, layout)
+        need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        gv, gw = decode_backward(values, indices, grad.contiguous(), w, ctx.layout, need_v, need_w)
         return gv, None, gw, None
+
+
+def decode_backward(
+    values: Tensor,
+    indices: Tensor,
+    g: Tensor,
+    w: Tensor,
+    layout: MaskLayout,
+    need_values: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the codes' values and of ``w`` for :func:`masked_decode_sparse`.
+
+    :func:`gather_selected` of ``g`` and :func:`codes_value_grad` by ``values`` in one pass: both
+    read ``g`` at the same ``(batch, k, d)`` positions, gathered once per chunk.
+
+    Returns:
+        ``(batch, k)`` and ``(d_sae, d)`` gradients, each None where not wanted.
+    """
+    batch, k = indices.shape
+    d = layout.rows.shape[1]
+    gv = g.new_empty(batch, k) if need_values else None
+    gw = w.new_zeros(w.shape) if need_w else None
+    step = _code_step(k, d)
+    for s in range(0, batch, step):
+        idx = indices[s : s + step]
+        rows = _take(layout.rows, idx)  # (chunk, k, d)
+        gathered = g[s : s + step].gather(1, rows.flatten(1)).view(rows.shape)
+        if gv is not None:
+            gv[s : s + step] = (gathered * _take(w, idx)).sum(dim=-1)
+        if gw is not None:
+            products = values[s : s + step].unsqueeze(2).to(g.dtype) * gathered
+            gw.index_add_(0, idx.reshape(-1), products.view(-1, d))
+    return gv, gw
 
 
 def selected_pre_activations(

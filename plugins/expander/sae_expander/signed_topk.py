@@ -5,8 +5,9 @@ negative pre-activation stays negative (the paper notes trained models almost ne
 
 With the ``expander`` encoder the SAE takes the encoder's fused path (:mod:`sae_expander.sparsify`):
 the pre-activations are encoded and selected block by block and never exist for the whole batch,
-and AuxK reads the dead latents through the :class:`~sae_expander.sparsify.AuxSource` that path
-leaves here. On the dense path (``sae.fused = False``, the reference) with the ``expander``
+and AuxK encodes the dead latents from the :class:`~sae_expander.fused.ExpanderInputs` that path
+returns as its ``aux_source`` (the SAE hands it back; the plugin keeps no state between the two
+calls). On the dense path (``sae.fused = False``, the reference) with the ``expander``
 decoder, the selected values are recomputed from the encoder's input in ``O(batch * k * d)``
 (``decoder.gather_pre_activations``), so no gradient flows into the dense pre-activations either;
 with any other decoder they are gathered from the pre-activations as usual.
@@ -17,13 +18,13 @@ the fused path pick the same latents, ties included.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from pydantic import Field
 from torch import Tensor
 
+from sae_expander.fused import ExpanderInputs, topk_among
 from sae_lightning.components.base import (
+    AuxSource,
     Codes,
     Decoder,
     SparsityFn,
@@ -31,12 +32,8 @@ from sae_lightning.components.base import (
     total_variance_share,
 )
 from sae_lightning.components.sparsity.auxk import AuxKConfig
-from sae_lightning.errors import ConfigError
+from sae_lightning.components.sparsity.topk import check_k
 from sae_lightning.kernels.select import topk_select
-
-AuxSource = Callable[[Tensor, int], tuple[Tensor, Tensor]]
-"""``(dead, k_aux) -> (values, indices)``: each row's top ``min(k_aux, n_dead)`` pre-activations
-among the dead latents of the last fused forward, with gradients, and their global ids."""
 
 
 class SignedTopKConfig(AuxKConfig):
@@ -57,67 +54,65 @@ def _dead_topk(pre: Tensor, dead: Tensor, k: int) -> Tensor:
     """``(batch, min(k, n_dead))`` ids of the largest pre-activations among dead latents.
 
     ``topk_select`` over the dead latents' columns, in latent order: the selection the fused
-    path's :class:`~sae_expander.sparsify.AuxSource` makes, ties included.
+    path's :func:`~sae_expander.fused.topk_among` makes, ties included.
     """
     ids = dead.nonzero().squeeze(1)  # (n_dead,)
     local = topk_select(pre.index_select(1, ids), min(k, ids.numel()))[1]
     return ids[local]
 
 
-class SignedTopK(SparsityFn):
+class SignedTopK(SparsityFn[SignedTopKConfig]):
     """Signed TopK: keep the k largest pre-activations per row with their sign (no ReLU); AuxK."""
-
-    Config = SignedTopKConfig
-    config: SignedTopKConfig
 
     def __init__(self, config: SignedTopKConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
-        if config.k > d_sae:
-            raise ConfigError(
-                "k",
-                f"k={config.k} is larger than the dictionary (d_sae={d_sae})",
-                "choose k <= d_sae, or enlarge the dictionary with model.d_sae",
-            )
+        check_k(config.k, d_sae)
         self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
-        self._aux_source: AuxSource | None = None
 
     def forward(self, pre_acts: Tensor, *, step: int, decoder: Decoder) -> SparsityOutput:
         indices = topk_select(pre_acts.detach(), self.config.k)[1]  # (batch, k)
         return SparsityOutput(Codes(selected(pre_acts, indices, decoder), indices, self.d_sae), {})
 
-    def keep_aux_source(self, source: AuxSource | None) -> None:
-        """Called by a fused forward: how :meth:`auxiliary_losses` reaches the dead latents."""
-        self._aux_source = source
+    @property
+    def auxiliary_loss_switch(self) -> str | None:
+        return "aux_coefficient" if self.config.aux_coefficient > 0 else None
 
     def auxiliary_losses(
-        self, pre_acts: Tensor | None, x: Tensor, residual: Tensor, decoder: Decoder, dead: Tensor
+        self,
+        source: AuxSource | ExpanderInputs | None,
+        x: Tensor,
+        residual: Tensor,
+        decoder: Decoder,
+        dead: Tensor,
     ) -> dict[str, Tensor]:
         """AuxK exactly as the core's ``auxk_loss``, with the selected values gathered cheaply.
 
-        ``pre_acts`` is None after a fused forward; the dead latents are then encoded from the
-        source that forward kept. With no dead latent the term is zero and no selection runs;
-        checking costs one host sync on accelerators (nothing on CPU).
+        ``source`` is the ``(batch, d_sae)`` pre-activations (dense path) or the encoder inputs
+        a fused forward returned as its ``aux_source``; from those, only the dead latents are
+        encoded. With no dead latent the term is zero and no selection runs; checking costs one
+        host sync on accelerators (nothing on CPU).
 
         Raises:
-            ValueError: ``pre_acts`` is None and no fused forward with gradients ran before.
+            ValueError: ``source`` is None.
         """
-        source, self._aux_source = self._aux_source, None
         if self.config.aux_coefficient == 0:
             return {}
+        if source is None:
+            raise ValueError(
+                "SignedTopK.auxiliary_losses got no source; pass the aux_source of this step's "
+                "SparseAutoencoder.run output (ForwardOutput.aux_source), or the (batch, d_sae) "
+                "pre-activations"
+            )
         if not bool(dead.any()):
             return {"auxk": residual.new_zeros(())}
         k_aux = min(self.k_aux, self.d_sae)
-        if pre_acts is not None:
-            indices = _dead_topk(pre_acts.detach(), dead, k_aux)  # (batch, min(k_aux, n_dead))
-            values = selected(pre_acts, indices, decoder)
-        elif source is not None:
-            values, indices = source(dead, k_aux)  # (batch, min(k_aux, n_dead))
+        if isinstance(source, ExpanderInputs):
+            ids = dead.nonzero().squeeze(1)  # (n_dead,)
+            values, indices = topk_among(source, ids, k_aux)  # (batch, min(k_aux, n_dead))
         else:
-            raise ValueError(
-                "SignedTopK.auxiliary_losses got pre_acts=None but no fused forward with "
-                "gradients ran before it; pass the (batch, d_sae) pre-activations, or call it "
-                "right after SparseAutoencoder.run in the same training step"
-            )
+            assert isinstance(source, Tensor)
+            indices = _dead_topk(source.detach(), dead, k_aux)  # (batch, min(k_aux, n_dead))
+            values = selected(source, indices, decoder)
         e_hat = decoder.decode_without_bias(Codes(values, indices, self.d_sae))
         scale = (dead.sum().to(residual.dtype) / k_aux).clamp(max=1.0)
         total_variance = total_variance_share(x).clamp_min(1e-12)
