@@ -279,7 +279,7 @@ def check_agreement(args: argparse.Namespace, batches: list[Any]) -> float:
         out = sae.run(x)
         loss = (x - out.x_hat).pow(2).sum(dim=1).mean()
         residual = x - out.x_hat.detach()
-        aux = sae.sparsity.auxiliary_losses(out.pre_acts, x, residual, sae.decoder, dead)
+        aux = sae.sparsity.auxiliary_losses(out.aux_source, x, residual, sae.decoder, dead)
         loss = loss + sum(aux.values())
         loss.backward()
         found = {"codes": out.codes.dense(), "x_hat": out.x_hat, "loss": loss}

@@ -1,4 +1,5 @@
-"""The three plugin protocols an SAE is composed of, and the values that flow between them.
+"""The three plugin protocols an SAE is composed of; the values that flow between them are in
+:mod:`sae_lightning.components.values` and re-exported here.
 
 Data flows one way: ``x -> Encoder -> pre-activations -> SparsityFn -> Codes -> Decoder -> x_hat``.
 The core only calls the methods and reads the attributes declared here, each with a default
@@ -11,142 +12,35 @@ end let a plugin compute batch statistics over the global batch when it trains u
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Generic, Literal, NamedTuple, TypeVar, get_args
+from typing import ClassVar, Generic, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from sae_lightning.components.values import (
+    AuxSource as AuxSource,
+)
+from sae_lightning.components.values import (
+    Codes as Codes,
+)
+from sae_lightning.components.values import (
+    DeadLatents as DeadLatents,
+)
+from sae_lightning.components.values import (
+    PeerActivation as PeerActivation,
+)
+from sae_lightning.components.values import (
+    SparsityOutput as SparsityOutput,
+)
+from sae_lightning.components.values import (
+    Touched as Touched,
+)
 from sae_lightning.config import PluginConfig
 from sae_lightning.functional import as_points
 from sae_lightning.kernels.decode import sparse_decode
-from sae_lightning.kernels.encode import DeadSelection, EncoderInputs
+from sae_lightning.kernels.encode import EncoderInputs
 from sae_lightning.solo import trains_alone
-
-
-class Codes(NamedTuple):
-    """Latent activations, dense or as ``k`` (index, value) pairs per row.
-
-    Sparse codes let decoders gather ``k`` dictionary rows instead of multiplying by a dense
-    ``(batch, d_sae)`` matrix that is mostly zeros. Function-space SAEs produce *concept maps*:
-    dense values ``(batch, d_sae, *grid)``, one function per latent (see
-    :mod:`sae_lightning.functional`); a latent is then active in a sample when its map is
-    nonzero anywhere.
-    """
-
-    values: Tensor
-    """``(batch, k)`` when sparse, ``(batch, d_sae)`` when dense, ``(batch, d_sae, *grid)`` for
-    concept maps; zero means inactive."""
-    indices: Tensor | None
-    """``(batch, k)`` latent ids of ``values`` when sparse; None when dense."""
-    d_sae: int
-    """Number of latents."""
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.indices is not None
-
-    @property
-    def is_map(self) -> bool:
-        """True for concept maps ``(batch, d_sae, *grid)``."""
-        return self.values.ndim > 2
-
-    def _active(self) -> Tensor:
-        """``(batch, k or d_sae)`` bool: which entries are active (anywhere, for maps)."""
-        if self.values.ndim > 2:
-            return (self.values != 0).flatten(2).any(dim=2)
-        return self.values != 0
-
-    def dense(self) -> Tensor:
-        """The ``(batch, d_sae)`` activation matrix."""
-        if self.indices is None:
-            return self.values
-        out = self.values.new_zeros(self.values.shape[0], self.d_sae)
-        return out.scatter_add(1, self.indices, self.values)
-
-    def l0(self) -> Tensor:
-        """``(batch,)`` number of active latents per row (per sample, for concept maps)."""
-        return self._active().sum(dim=1)
-
-    def fire_counts(self) -> Tensor:
-        """``(d_sae,)`` how many rows (samples, for concept maps) each latent was active in."""
-        if self.indices is None:
-            return self._active().sum(dim=0)
-        counts = torch.zeros(self.d_sae, dtype=torch.long, device=self.values.device)
-        active = (self.values != 0).long()
-        return counts.scatter_add_(0, self.indices.reshape(-1), active.reshape(-1))
-
-    def l1(self) -> Tensor:
-        """``(batch,)`` L1 norm of each row; for maps, the sum of each map's integral of |z|."""
-        if self.values.ndim > 2:
-            return self.values.abs().flatten(2).mean(dim=2).sum(dim=1)
-        return self.values.abs().sum(dim=1)
-
-
-AuxSource = Tensor | EncoderInputs | DeadSelection
-"""What a sparsity plugin's auxiliary loss starts from: the ``(batch, d_sae)`` pre-activations
-(dense path), the linear encoder's inputs (fused path, which never materialises them), or the
-dead latents the fused pass already selected from its own product (AuxK)."""
-
-
-class DeadLatents(NamedTuple):
-    """A training step's dead latents, known before its forward pass.
-
-    The SAE hands them to a sparsity plugin's fused path, which may then select what its
-    auxiliary loss needs from the product it computes anyway (AuxK's dead latents).
-    """
-
-    mask: Tensor
-    """``(d_sae,)`` bool: the mask the step's ``auxiliary_losses`` receives (the same tensor)."""
-    at_most: int | None = None
-    """An upper bound on the latents ``mask`` marks, known on the host without reading the
-    device (0: none can be dead yet), or None: the plugin may size its work by it."""
-
-
-class SparsityOutput(NamedTuple):
-    """What a sparsity function returns for one batch."""
-
-    codes: Codes
-    """The sparse latent activations."""
-    losses: dict[str, Tensor]
-    """Penalty terms already multiplied by their coefficients; each is added to the loss."""
-    aux_source: AuxSource | None = None
-    """What :meth:`SparsityFn.auxiliary_losses` of the same step needs; None lets the SAE pass
-    the pre-activations (dense path). The SAE hands it back, so no plugin keeps state between
-    the two calls."""
-
-
-class PeerActivation(NamedTuple):
-    """How a sparsity plugin is written in the peer formats (SAELens, sparsify), exactly.
-
-    The exporter checks the declaration on probe inputs before it writes anything, so a
-    plugin that declares a mapping it does not compute is refused, not exported wrongly.
-    """
-
-    activation: Literal["relu", "topk", "jumprelu"]
-    """``relu`` (SAELens ``standard``), ``topk`` or ``jumprelu``: ``ReLU(z) * (z > threshold)``."""
-    k: int | None = None
-    """Active latents per row, for ``topk``."""
-    threshold: Tensor | None = None
-    """``(d_sae,)`` non-negative thresholds, for ``jumprelu``."""
-    bias_shift: Tensor | float = 0.0
-    """Added to the encoder bias ``b_enc`` on export: the plugin computes
-    ``activation(z + bias_shift)`` (e.g. soft thresholding ``ReLU(z - t)``: ``relu``, ``-t``)."""
-
-
-class Touched(NamedTuple):
-    """A slice of one parameter rewritten in place by resampling.
-
-    The resampler zeroes the optimizer state (Adam moments) of exactly this slice.
-    """
-
-    param: nn.Parameter
-    """The parameter that was modified."""
-    index: Tensor
-    """``(n,)`` long ids along ``dim`` that were rewritten."""
-    dim: int = 0
-    """The dimension ``index`` selects along."""
-
 
 ConfigT = TypeVar("ConfigT", bound=PluginConfig)
 
