@@ -303,11 +303,16 @@ class SAEModule(pl.LightningModule):
         """
         if not logs_step(self.trainer, self.global_step):
             return
-        counters = self.tokens_since_fired  # read here, where the logger reads anyway
-        if type(counters) is Tensor:  # not sharded: one read, sorted on the device
-            self.counter_bound.refresh(counters, counters.sort().values.tolist())
+        self.refresh_dead_bound()
         for key, value in metrics.items():
             self.log(key, value)
+
+    def refresh_dead_bound(self) -> None:
+        """Read the dead-latent counters on the host (on a logging step, where the logger reads
+        anyway), so that AuxK's fused selection is as wide as the latents that can be dead."""
+        counters = self.tokens_since_fired
+        if type(counters) is Tensor:  # not sharded: one read, sorted on the device
+            self.counter_bound.refresh(counters, counters.sort().values.tolist())
 
     @torch.no_grad()
     def _update_dead_counters(self, fire_counts: Tensor, n_tokens: int | Tensor) -> None:

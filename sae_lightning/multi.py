@@ -195,6 +195,7 @@ class MultiSAEModule(pl.LightningModule):
             for name, member in self.saes.items():
                 out = member.compute_step(x, step=self.global_step)
                 if log:
+                    member.refresh_dead_bound()
                     logged.update({f"{name}/{k}": v for k, v in out.metrics.items()})
                 losses.append(out.loss)
                 terms.update({f"{name}/{k}": v.detach() for k, v in out.terms.items()})

@@ -67,6 +67,11 @@ def test_each_sae_equals_training_it_alone(clip: float | None) -> None:
         assert f"{name}/train/loss" in t.callback_metrics
         assert f"{name}/val/fvu" in t.callback_metrics
         assert f"{name}/val/mmcs" in t.callback_metrics
+        # the last step logs, so each SAE's host bound on its dead latents was refreshed there:
+        # AuxK's selection is exactly as wide as the latents that are dead
+        member = multi.saes[name]
+        dead = int((member.tokens_since_fired >= 256).sum())
+        assert member.counter_bound.at_most_dead(member.tokens_since_fired, 256) == dead
 
     for name, spec in SAES.items():
         pl.seed_everything(SEED, verbose=False)
