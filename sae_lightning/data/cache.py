@@ -114,14 +114,29 @@ class ActivationCache:
         return self._maps[i]
 
     def read(self, rows: Tensor) -> Tensor:
-        """Training rows ``rows`` (indices into the whole cache), in that order, stored dtype."""
+        """Training rows ``rows`` (indices into the whole cache), in that order, stored dtype.
+
+        One ``index_select`` per shard touched, straight into the output when one shard holds
+        them all; otherwise the rows are grouped by shard with one sort, so the work per shard
+        is a few operations whatever the number of shards.
+        """
+        dtype = STORAGE_DTYPES[self.manifest["storage_dtype"]]
+        out = torch.empty(len(rows), self.d_in, dtype=dtype)
+        if len(rows) == 0:
+            return out
         shard = torch.searchsorted(self.starts, rows, right=True) - 1
-        out = torch.empty(
-            len(rows), self.d_in, dtype=STORAGE_DTYPES[self.manifest["storage_dtype"]]
-        )
-        for i in shard.unique().tolist():
-            sel = shard == i
-            out[sel] = self._shard(i)[rows[sel] - self.starts[i]]
+        first, last = int(shard.min()), int(shard.max())
+        if first == last:
+            return torch.index_select(self._shard(first), 0, rows - self.starts[first], out=out)
+        order = shard.argsort(stable=True)  # the rows of each shard, together
+        ends = torch.bincount(shard, minlength=len(self.train)).cumsum(0).tolist()
+        begin = 0
+        for i, end in enumerate(ends):
+            if end > begin:
+                where = order[begin:end]  # positions in the batch of shard i's rows
+                local = rows[where] - self.starts[i]
+                out.index_copy_(0, where, torch.index_select(self._shard(i), 0, local))
+            begin = end
         return out
 
     def batch_positions(self, t: int, batch_size: int, seed: int) -> Tensor:
