@@ -6,7 +6,9 @@ start-up, setup, the final validation and the export cancelling out. The bare st
 (``_harness.ProjectStep``: the module's ``compute_step``, backward and optimizer hooks on
 in-memory batches, no Lightning) is timed in this process before and after the fits, steps back
 to back; its reference is the mean of the two, so load that changes during the run moves both
-sides. ``fit_over_bare = bare step s / fit step s``.
+sides. ``fit_over_bare = bare step s / fit step s``. Both do the same work: the recipe's
+``dead_window_tokens`` is longer than the longer fit, so no latent counts as dead and AuxK does
+not run, as in the bare step.
 
     python benchmarks/fit_throughput.py --threads 2        # (768, 16384, 32, 4096), CPU
     python benchmarks/fit_throughput.py --device cuda [--dtype bf16]
@@ -155,6 +157,11 @@ def _recipe(
             "decoder": {"name": "linear"},
             "sparsity": {"name": "topk", "k": args.k},
             "optimizer": {"lr": args.lr},
+            # No latent may count as dead within the longer fit: AuxK would then run in its
+            # last steps only (on the activation cache, a third of the latents have not fired
+            # after 100k tokens), timing AuxK's work rather than fit's overhead; the bare step
+            # has no dead latents either.
+            "loss": {"dead_window_tokens": 2 * max(args.long, steps) * args.batch},
         },
         "trainer": {
             "max_steps": steps,

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("transformers")
@@ -16,6 +17,7 @@ from lm_scripts.tiny_lm import make_corpus, make_tiny_lm
 from sae_lightning.cli import main
 from sae_lightning.data import cache_writer
 from sae_lightning.data.cache import open_cache
+from sae_lightning.data.forward_reference import ForwardReference
 from sae_lightning.lm.harvest import Harvester
 
 
@@ -61,3 +63,32 @@ def test_cache_writes_in_the_background_and_prints_progress_lines(tmp_path, caps
     cache = open_cache(tmp_path / "cache", expect={}, verify=True, field="data.cache_dir")
     assert len(writers) == len(cache.manifest["shards"]) > 2
     assert all(name.startswith("cache-writer") for name in writers)
+
+
+def test_forward_reference_times_each_batch_once_half_before_and_half_after(tmp_path, monkeypatch):
+    from sae_lightning.data import forward_reference
+    from sae_lightning.lm.hooks import resolve_hooks
+    from sae_lightning.lm.loading import LMSourceConfig, load_model
+    from sae_lightning.lm.text import Contexts
+
+    model = load_model(LMSourceConfig(model=str(make_tiny_lm(tmp_path / "model"))))
+    hooks = resolve_hooks(model, "transformer.h.0")
+    harvester = Harvester(model, hooks, "output", torch.float32, 4)
+    contexts = Contexts(torch.randint(4, 20, (100, 16)), torch.ones(100, 16, dtype=torch.bool))
+    seen: list[tuple[int, int]] = []  # (first context, contexts) of each forward pass
+    run = forward_reference.run_to_hooks
+
+    def counted(model, ids, *args):
+        first = next(i for i in range(100) if torch.equal(contexts.ids[i : i + len(ids)], ids))
+        seen.append((first, len(ids)))
+        return run(model, ids, *args)
+
+    reference = ForwardReference(harvester, contexts, harvesting=1000)
+    assert reference.contexts == 64  # a tenth of 1000, at most 16 batches of 4
+    monkeypatch.setattr(forward_reference, "run_to_hooks", counted)
+    reference.run_half(0)
+    assert reference.tokens == 8 * 4 * 16 and seen[0] == seen[1] == (0, 4)  # warm-up first
+    reference.run_half(1)
+    assert sorted(seen[1:]) == [(first, 4) for first in range(0, 64, 4)]
+    assert reference.tokens == 64 * 16 and reference.tokens_per_second() > 0
+    assert ForwardReference(harvester, contexts, harvesting=10).contexts == 16  # 4 batches

@@ -15,6 +15,7 @@ from lm_scripts.tiny_lm import D_MODEL, make_corpus, make_tiny_lm
 
 from sae_lightning.data.activations import ActivationDataModule
 from sae_lightning.data.cache import CacheCorruptError, permute, write_cache
+from sae_lightning.data.cache_format import load_tensor
 from sae_lightning.data.cached import ActivationCacheDataModule
 from sae_lightning.data.lm_config import ActivationCacheConfig, LMActivationsConfig
 from sae_lightning.data.normalization import fold_input_scale
@@ -119,6 +120,20 @@ def test_ddp_ranks_read_disjoint_parts_of_one_global_batch(files, monkeypatch):
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
     positions = dm.cache.batch_positions(3, 64, dm.seed)
     assert len(set(positions[:32].tolist()) & set(positions[32:].tolist())) == 0
+
+
+def test_cache_reads_rows_in_the_order_asked_within_and_across_shards(files):
+    dm = ready(files, cache_dir=str(files["cache"]))
+    cache = dm.cache
+    assert len(cache.train) > 2
+    whole = torch.cat([load_tensor(cache.path / s["file"], "activations") for s in cache.train])
+    inside = torch.randperm(int(cache.starts[1]))[:50]  # all in the first shard
+    across = torch.randperm(cache.rows)[:300]
+    repeated = torch.tensor([7, cache.rows - 1, 7, 0])
+    for rows in (inside, across, repeated, torch.zeros(0, dtype=torch.long)):
+        got = cache.read(rows)
+        assert got.shape == (len(rows), cache.d_in)
+        assert torch.equal(got, whole[rows])
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 64, 1000, 4097])

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from sae_lightning.data.validation import BadBatchError
+from sae_lightning.data.validation import BadBatchError, BatchValidator
 from sae_lightning.errors import NonFiniteError
 from sae_lightning.module import SAEModule
 from sae_lightning.recipe import load_recipe
@@ -106,3 +106,22 @@ def test_nan_at_step_k_stops_with_message_and_keeps_last_good_checkpoint(tmp_pat
     )
     module = SAEModule.load_from_checkpoint(last, weights_only=True)
     assert torch.isfinite(module.sae(torch.randn(4, 16))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_validator_catches_every_nonfinite_row_and_passes_sums_that_overflow(dtype):
+    big = torch.finfo(dtype).max / 2
+    x = torch.full((64, 8), big, dtype=dtype)  # finite values, whose sum overflows
+    check = BatchValidator(8, "drop")
+    assert check(x, 0) is x and check.dropped_rows == 0
+    y = torch.randn(64, 8, dtype=dtype)
+    assert check(y, 1) is y
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        z = torch.randn(64, 8, dtype=dtype)
+        z[3, 5] = bad
+        z[40, 0] = bad
+        kept = check(z, 2)
+        assert kept.shape == (62, 8) and torch.isfinite(kept).all()
+    assert check.dropped_rows == 6
+    with pytest.raises(BadBatchError, match="batch 9 has 1 row"):
+        BatchValidator(8)(torch.cat([x[:3], z[3:4]]), 9)

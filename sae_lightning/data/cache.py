@@ -37,6 +37,7 @@ from sae_lightning.errors import ConfigError
 __all__ = ["MANIFEST", "ActivationCache", "CacheCorruptError", "open_cache", "write_cache"]
 
 _PERMUTATION = 12  # stream id for seeded_generator
+_CHUNK = 1 << 16  # stream positions whose rows are computed together
 
 # ---- permutation ----------------------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class ActivationCache:
         self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
         self.rows = int(self.starts[-1])
         self._maps: dict[int, Tensor] = {}
+        self._chunks: dict[tuple[int, int], Tensor] = {}
 
     @property
     def d_in(self) -> int:
@@ -114,25 +116,60 @@ class ActivationCache:
         return self._maps[i]
 
     def read(self, rows: Tensor) -> Tensor:
-        """Training rows ``rows`` (indices into the whole cache), in that order, stored dtype."""
+        """Training rows ``rows`` (indices into the whole cache), in that order, stored dtype.
+
+        One ``index_select`` per shard touched, straight into the output when one shard holds
+        them all; otherwise the rows are grouped by shard with one sort, so the work per shard
+        is a few operations whatever the number of shards.
+        """
+        dtype = STORAGE_DTYPES[self.manifest["storage_dtype"]]
+        out = torch.empty(len(rows), self.d_in, dtype=dtype)
+        if len(rows) == 0:
+            return out
         shard = torch.searchsorted(self.starts, rows, right=True) - 1
-        out = torch.empty(
-            len(rows), self.d_in, dtype=STORAGE_DTYPES[self.manifest["storage_dtype"]]
-        )
-        for i in shard.unique().tolist():
-            sel = shard == i
-            out[sel] = self._shard(i)[rows[sel] - self.starts[i]]
+        first, last = int(shard.min()), int(shard.max())
+        if first == last:
+            return torch.index_select(self._shard(first), 0, rows - self.starts[first], out=out)
+        order = shard.argsort(stable=True)  # the rows of each shard, together
+        ends = torch.bincount(shard, minlength=len(self.train)).cumsum(0).tolist()
+        begin = 0
+        for i, end in enumerate(ends):
+            if end > begin:
+                where = order[begin:end]  # positions in the batch of shard i's rows
+                local = rows[where] - self.starts[i]
+                out.index_copy_(0, where, torch.index_select(self._shard(i), 0, local))
+            begin = end
         return out
 
     def batch_positions(self, t: int, batch_size: int, seed: int) -> Tensor:
         """Row indices of global batch ``t``: positions ``[t B, (t + 1) B)`` of the stream whose
-        epoch ``e`` is the rows in the order of permutation ``e``."""
-        position = t * batch_size + torch.arange(batch_size, dtype=torch.long)
+        epoch ``e`` is the rows in the order of permutation ``e``.
+
+        The permutation acts on each position alone, so the rows of ``_CHUNK`` positions are
+        computed at once and kept: the Python work of cycle-walking, some hundreds of small
+        operations, is paid once per chunk instead of once per batch.
+        """
+        first = t * batch_size
+        chunk = first // _CHUNK
+        end = (first + batch_size + _CHUNK - 1) // _CHUNK
+        parts = [self._chunk_rows(c, seed) for c in range(chunk, end)]
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        offset = first - chunk * _CHUNK
+        return rows[offset : offset + batch_size].clone()
+
+    def _chunk_rows(self, chunk: int, seed: int) -> Tensor:
+        """Rows at positions ``[chunk C, (chunk + 1) C)`` of the stream, ``C = _CHUNK``."""
+        key = (chunk, seed)
+        cached = self._chunks.get(key)
+        if cached is not None:
+            return cached
+        position = chunk * _CHUNK + torch.arange(_CHUNK, dtype=torch.long)
         epoch, within = position // self.rows, position % self.rows
         out = torch.empty_like(position)
         for e in epoch.unique().tolist():
             sel = epoch == e
             out[sel] = permute(within[sel], self.rows, epoch_key(seed, e))
+        self._chunks = {key: out, **dict(list(self._chunks.items())[:1])}  # the last two
         return out
 
     def stats_for(self, n: int) -> NormStats:

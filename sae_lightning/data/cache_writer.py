@@ -7,7 +7,8 @@ leaves only whole shards; the manifest (with every shard's sha256) is written la
 skips the shards already there (checking that they belong to the same recipe and corpus).
 
 At the end the command prints its harvest throughput against the LM's forward pass to the
-deepest hook alone, timed on the same contexts in the same process.
+deepest hook alone, timed on the same contexts in the same process, half before and half
+after the harvest (:mod:`sae_lightning.data.forward_reference`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from sae_lightning.data.cache_format import (
     map_tensor,
     sha256_file,
 )
+from sae_lightning.data.forward_reference import ForwardReference
 from sae_lightning.data.normalization import norm_stats
 from sae_lightning.data.progress import HarvestProgress
 from sae_lightning.errors import ConfigError
@@ -230,6 +231,15 @@ def write_cache(
     )
     splits = {"train": dm.corpus.train, "val": dm.corpus.val}
     total = sum(len(p) for p in splits.values())
+    todo = sum(s.end - s.first for s in plan if not (out / s.file).is_file())
+    reference = ForwardReference(dm.harvester, dm.corpus.train, todo)
+    if todo:
+        console.print(
+            f"timing the LM forward alone on {reference.contexts} contexts "
+            "(half now, half after the harvest)",
+            soft_wrap=True,
+        )
+        reference.run_half(0)
     written: list[concurrent.futures.Future[dict[str, Any]] | dict[str, Any]] = []
     pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
     harvested = 0
@@ -266,7 +276,8 @@ def write_cache(
         f"wrote {out / MANIFEST}: {manifest['rows']:,} training activations", soft_wrap=True
     )
     if harvested:
-        _report_throughput(dm, harvested, elapsed, console)
+        reference.run_half(1)
+        _report_throughput(harvested * c.context_length / max(elapsed, 1e-9), reference, console)
     return manifest
 
 
@@ -317,20 +328,9 @@ def _manifest(
     return manifest
 
 
-def _report_throughput(dm: CacheSource, contexts: int, seconds: float, console: Console) -> None:
+def _report_throughput(harvest: float, reference: ForwardReference, console: Console) -> None:
     """Print harvest tokens/s against the LM forward to the deepest hook alone."""
-    from sae_lightning.lm.hooks import run_to_hooks
-
-    assert dm.harvester is not None and dm.corpus is not None
-    harvester, train = dm.harvester, dm.corpus.train
-    n = min(len(train), max(4 * harvester.batch_size, contexts // 10))
-    start = time.perf_counter()
-    with torch.no_grad():
-        for first in range(0, n, harvester.batch_size):
-            ids = train.ids[first : first + harvester.batch_size].to(harvester.device)
-            run_to_hooks(harvester.model, ids, harvester.hooks, harvester.io)
-    forward = n * dm.config.context_length / max(time.perf_counter() - start, 1e-9)
-    harvest = contexts * dm.config.context_length / max(seconds, 1e-9)
+    forward = reference.tokens_per_second()
     console.print(
         f"harvest: {harvest:,.0f} tokens/s; LM forward to the deepest hook alone: "
         f"{forward:,.0f} tokens/s; harvest_over_forward={harvest / forward:.3f}",

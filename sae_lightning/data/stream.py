@@ -42,6 +42,10 @@ class IndexedBatchStream(IterableDataset):
         length: number of batches in total (None: endless).
         prefetch: batches produced ahead in a background thread (0: in the caller's thread).
         pin_memory: pin each batch in page-locked memory, for asynchronous copies to a GPU.
+        threads: torch threads of the background thread (None: the process's setting). On a
+            CPU run the training step already uses every core; a producer with a thread team
+            of its own would take cores from it at each of its parallel operations, so the
+            data modules give it one thread there.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class IndexedBatchStream(IterableDataset):
         length: int | None = None,
         prefetch: int = 2,
         pin_memory: bool = False,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         self.make_batch = make_batch
@@ -62,6 +67,7 @@ class IndexedBatchStream(IterableDataset):
         self.length = length
         self.prefetch = prefetch
         self.pin_memory = pin_memory
+        self.threads = threads
 
     def _produce(self, t: int) -> Any:
         with torch.no_grad():  # a new thread starts with grad mode on
@@ -82,6 +88,8 @@ class IndexedBatchStream(IterableDataset):
             yield from map(self._produce, self._indices())
             return
         pool = concurrent.futures.ThreadPoolExecutor(1, "batches")
+        if self.threads is not None:
+            own_threads(pool, self.threads)
         pending: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
         indices = self._indices()
         try:
@@ -96,6 +104,26 @@ class IndexedBatchStream(IterableDataset):
             for future in pending:
                 future.cancel()
             pool.shutdown(wait=True)
+
+
+def own_threads(pool: concurrent.futures.ThreadPoolExecutor, threads: int) -> None:
+    """Give the one thread of ``pool`` ``threads`` torch threads, leaving the caller's as they are.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size and the process-wide
+    default that a thread adopts at its first parallel operation. So the worker first adopts
+    the default (``get_num_threads`` does), then sets its own size; the caller then puts the
+    default back, which leaves the worker's team alone.
+    """
+    caller = torch.get_num_threads()
+
+    def configure() -> None:
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+
+    try:
+        pool.submit(configure).result()
+    finally:
+        torch.set_num_threads(caller)
 
 
 def _pinned(batch: Any) -> Any:
@@ -201,8 +229,12 @@ class IndexedDataModule(pl.LightningDataModule):
 
     def train_batches(self, make_batch: Callable[[int], Any]) -> DataLoader:
         """A loader of ``make_batch(t)`` from the checkpointed position on, made ahead in a
-        background thread (pinned on CUDA)."""
-        stream = IndexedBatchStream(make_batch, self.consumed.count, pin_memory=self.on_gpu())
+        background thread: pinned on CUDA, with one torch thread on a CPU run (the training
+        step has the cores)."""
+        gpu = self.on_gpu()
+        stream = IndexedBatchStream(
+            make_batch, self.consumed.count, pin_memory=gpu, threads=None if gpu else 1
+        )
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:

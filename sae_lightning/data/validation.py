@@ -42,8 +42,10 @@ class BatchValidator:
                 f"(batch, {self.d_in}) or, for functions, (batch, {self.d_in}, *grid); "
                 "set model.d_in to the data's width (channels) or fix the data"
             )
+        if all_finite(x):
+            return x
         finite = torch.isfinite(x).flatten(1).all(dim=1)  # (batch,)
-        if bool(finite.all()):
+        if bool(finite.all()):  # finite values whose sum overflowed
             return x
         bad = int((~finite).sum())
         if self.nonfinite == "fail":
@@ -59,6 +61,20 @@ class BatchValidator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dropped_rows = int(state.get("dropped_rows", 0))
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every value of ``x`` is finite, from one read-only pass (its sum).
+
+    A NaN or an infinity makes the sum non-finite, so a finite sum proves the batch clean. The
+    converse fails only when finite values overflow the sum, which sends the caller to the
+    exact per-row test. ``isfinite(x)`` instead writes masks as large as the batch, tens of
+    times the time of the sum on a CPU, in the training thread, for every batch.
+    """
+    if not x.is_floating_point():
+        return True
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(x.sum(dtype=wide)))
 
 
 def require_min_samples(n: int, minimum: int, field: str) -> None:
