@@ -53,7 +53,7 @@ from sae_lightning.callbacks.resampling_init import (
     squared_errors,
     threshold_norms,
 )
-from sae_lightning.callbacks.resampling_view import resampling_view
+from sae_lightning.callbacks.resampling_view import NewLatents, StateReset, resampling_view
 from sae_lightning.components.base import supports_resampling
 from sae_lightning.config import PluginConfig
 from sae_lightning.errors import ConfigError
@@ -276,8 +276,8 @@ class DeadFeatureResampler(BatchEndCallback):
             if norm.ndim == 1:  # one norm per latent: (n, 1) scales the (n, d_in) rows
                 norm = norm.unsqueeze(1)
             if ids.numel():
-                second_moment = self.config.choices[2]
-                view.resample(ids, directions, norm, trainer.optimizers, second_moment)
+                reset = StateReset(trainer.optimizers, self.config.choices[2])
+                view.resample(NewLatents(ids, directions, norm), reset)
         counts = {name: int(plan[name][0].numel()) for name in views}
         if self._independent:  # every process's SAEs, so rank 0 logs them all
             assert isinstance(pl_module, MultiSAEModule)

@@ -10,7 +10,7 @@ from ``resampling_view()`` (:class:`ProvidesResamplingView`), whose reads are co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -23,6 +23,27 @@ from sae_lightning.callbacks.resampling_init import (
 
 if TYPE_CHECKING:
     from sae_lightning.module import SAEModule
+
+
+class NewLatents(NamedTuple):
+    """One resample of one SAE: latents ``ids`` get encoder rows ``directions * norm``, atoms
+    ``directions`` and a zero encoder bias."""
+
+    ids: Tensor
+    """``(n,)`` global latent ids, the same on every rank."""
+    directions: Tensor
+    """``(n, d_in)`` unit-norm directions."""
+    norm: Tensor
+    """The new encoder rows' norm, a scalar or ``(n, 1)``."""
+
+
+class StateReset(NamedTuple):
+    """How the optimizer state of resampled latents restarts."""
+
+    optimizers: list[torch.optim.Optimizer]
+    """The trainer's optimizers; the one holding each parameter is reset."""
+    second_moment: Literal["zero", "live_mean"] = "zero"
+    """``zero``, or ``live_mean`` (see :func:`~.resampling_init.reset_optimizer_state`)."""
 
 
 class ResamplingView(Protocol):
@@ -54,15 +75,8 @@ class ResamplingView(Protocol):
         """``x`` as the encoder sees it (centred by the decoder bias when it centres)."""
         ...
 
-    def resample(
-        self,
-        ids: Tensor,
-        directions: Tensor,
-        norm: Tensor,
-        optimizers: list[torch.optim.Optimizer],
-        second_moment: Literal["zero", "live_mean"],
-    ) -> None:
-        """Rewrite latents ``ids`` and reset their optimizer state (see ``SAEModule``'s
+    def resample(self, new: NewLatents, reset: StateReset) -> None:
+        """Rewrite the latents of ``new`` and reset their optimizer state (see ``SAEModule``'s
         ``resample_latents`` and :func:`~.resampling_init.reset_optimizer_state`)."""
         ...
 
@@ -106,16 +120,9 @@ class LocalView:
         sae = self.member.sae
         return x - sae.decoder.b_dec if sae.encoder.center_input else x
 
-    def resample(
-        self,
-        ids: Tensor,
-        directions: Tensor,
-        norm: Tensor,
-        optimizers: list[torch.optim.Optimizer],
-        second_moment: Literal["zero", "live_mean"],
-    ) -> None:
-        touched = self.member.resample_latents(ids, directions, norm)
-        reset_optimizer_state(optimizers, touched, second_moment=second_moment)
+    def resample(self, new: NewLatents, reset: StateReset) -> None:
+        touched = self.member.resample_latents(*new)
+        reset_optimizer_state(reset.optimizers, touched, second_moment=reset.second_moment)
 
 
 def resampling_view(member: SAEModule) -> ResamplingView:

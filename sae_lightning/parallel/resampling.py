@@ -11,7 +11,7 @@ moments (``live_mean`` averages the kept rows over all shards, one all-reduce pe
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from sae_lightning.parallel.mesh import ShardLayout
 from sae_lightning.parallel.sharded import local, shard_codes, shard_pre_acts, sharded_run
 
 if TYPE_CHECKING:
+    from sae_lightning.callbacks.resampling_view import NewLatents, StateReset
     from sae_lightning.parallel.module import ShardedSAEModule
 
 _CHUNK = 4096  # rows per sharded forward, as the one-process scoring chunks them
@@ -79,23 +80,10 @@ class ShardedView:
         return x - b_dec if self.sae.encoder.center_input else x
 
     @torch.no_grad()
-    def resample(
-        self,
-        ids: Tensor,
-        directions: Tensor,
-        norm: Tensor,
-        optimizers: list[torch.optim.Optimizer],
-        second_moment: Literal["zero", "live_mean"],
-    ) -> None:
-        """Rewrite the latents of ``ids`` (global ids) that this shard owns.
-
-        Args:
-            ids: ``(n,)`` global latent ids, the same on every rank.
-            directions: ``(n, d_in)`` unit-norm directions.
-            norm: the new encoder rows' norm, a scalar or ``(n, 1)``.
-            optimizers: the trainer's optimizers.
-            second_moment: ``zero``, or ``live_mean`` (see ``reset_optimizer_state``).
-        """
+    def resample(self, new: NewLatents, reset: StateReset) -> None:
+        """Rewrite the latents of ``new`` (global ids) that this shard owns, and reset their
+        optimizer state on this shard."""
+        ids, directions, norm = new
         layout, sae = self.layout, self.sae
         mine = (ids >= layout.offset) & (ids < layout.offset + layout.shard_size)
         rows = ids[mine] - layout.offset  # (m,) local ids
@@ -112,19 +100,14 @@ class ShardedView:
             params.append(sae.sparsity.log_threshold)
         self.module.restart_dead_windows(rows)
         for param in params:
-            for optimizer in optimizers:
-                self._reset_state(optimizer, param, rows, second_moment)
+            for optimizer in reset.optimizers:
+                self._reset_state(optimizer.state.get(param), param, rows, reset.second_moment)
 
     def _reset_state(
-        self,
-        optimizer: torch.optim.Optimizer,
-        param: Tensor,
-        rows: Tensor,
-        second_moment: Literal["zero", "live_mean"],
+        self, state: dict[str, Any] | None, param: Tensor, rows: Tensor, second_moment: str
     ) -> None:
         """Zero (or, for ``live_mean``, set to the kept rows' mean over all shards) the
-        per-row optimizer state of ``rows`` of this shard."""
-        state = optimizer.state.get(param)
+        per-row optimizer ``state`` of ``param``'s ``rows`` of this shard."""
         if not state:
             return
         for key, value in state.items():

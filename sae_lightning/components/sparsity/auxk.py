@@ -15,7 +15,7 @@ selection to that many per row (0 skips the term).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from pydantic import Field
@@ -27,6 +27,7 @@ from sae_lightning.components.base import (
     DeadLatents,
     Decoder,
     SparsityFn,
+    SparsityOutput,
     total_variance_share,
 )
 from sae_lightning.config import PluginConfig
@@ -175,17 +176,42 @@ def auxk_terms(
     return {"auxk": coefficient * aux}
 
 
-class AuxKSparsity(SparsityFn):
+AuxKConfigT = TypeVar("AuxKConfigT", bound=AuxKConfig)
+
+
+class AuxKSparsity(SparsityFn[AuxKConfigT]):
     """The AuxK side of a TopK-family plugin: its switch and its terms, from ``config`` and
-    ``k_aux`` (set by the subclass), named ``auxk_owner`` in errors."""
+    ``k_aux``, named ``auxk_owner`` in errors; and its fused path, which selects AuxK's dead
+    latents in the forward pass when the step's dead latents are known."""
 
     auxk_owner: ClassVar[str]
-    config: AuxKConfig
     k_aux: int
 
-    def __init__(self, config: AuxKConfig, *, d_in: int, d_sae: int) -> None:
+    def __init__(self, config: AuxKConfigT, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
         self.k_aux = config.aux_k if config.aux_k is not None else max(d_in // 2, 1)
+
+    def fused_encode(
+        self,
+        inputs: EncoderInputs,
+        *,
+        step: int,
+        decoder: Decoder,
+        dead: DeadLatents | None = None,
+    ) -> SparsityOutput:
+        """Codes by :meth:`fused_select`, which also selects the ``dead_width(dead)`` dead latents
+        of every row for AuxK when it is not None."""
+        width = self.dead_width(dead)
+        if width is None or dead is None:
+            return self.fused_select(inputs, None, 0)
+        return self.fused_select(inputs, dead.mask, width)
+
+    def fused_select(
+        self, inputs: EncoderInputs, dead: Tensor | None, width: int
+    ) -> SparsityOutput:
+        """The plugin's fused encode and selection; with ``dead`` (the ``(d_sae,)`` mask), also
+        the top ``width`` dead latents of each row as the ``aux_source`` (else ``inputs``)."""
+        raise NotImplementedError  # pragma: no cover - every subclass selects
 
     def dead_width(self, dead: DeadLatents | None) -> int | None:
         """Dead latents per row the fused forward pass selects for AuxK: ``min(k_aux, d_sae)``,

@@ -30,7 +30,6 @@ from torch import Tensor
 from sae_lightning.components.base import (
     AuxSource,
     Codes,
-    DeadLatents,
     Decoder,
     PeerActivation,
     SparsityOutput,
@@ -115,13 +114,10 @@ def batch_topk(acts: Tensor, k: int) -> Tensor:
     return select_batch_topk(acts, k, across_ranks=False)[0]
 
 
-class BatchTopK(AuxKSparsity):
+class BatchTopK(AuxKSparsity[BatchTopKConfig]):
     """BatchTopK: top k x batch ReLU activations per batch; a running threshold at inference."""
 
     auxk_owner = "BatchTopK"
-
-    Config = BatchTopKConfig
-    config: BatchTopKConfig
 
     def __init__(self, config: BatchTopKConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
@@ -141,13 +137,8 @@ class BatchTopK(AuxKSparsity):
             codes = batch_topk(acts, self.config.k)
         return SparsityOutput(Codes(codes, None, self.d_sae), {})
 
-    def fused_encode(
-        self,
-        inputs: EncoderInputs,
-        *,
-        step: int,
-        decoder: Decoder,
-        dead: DeadLatents | None = None,
+    def fused_select(
+        self, inputs: EncoderInputs, dead: Tensor | None, width: int
     ) -> SparsityOutput:
         """The rule of :meth:`forward` on the sparse path, without ``(batch, d_sae)`` codes.
 
@@ -157,9 +148,8 @@ class BatchTopK(AuxKSparsity):
 
         Args:
             inputs: the linear encoder's input, centring shift, weight and bias.
-            step, decoder: as for :meth:`forward`.
-            dead: the step's dead latents, when known: in training AuxK's are then selected
-                from the same product.
+            dead, width: the ``(d_sae,)`` dead mask, when in training AuxK's top ``width`` dead
+                latents per row are selected from the same product.
 
         Returns:
             Sparse codes padded to the widest row (padded slots are zeros at latent 0); the
@@ -168,7 +158,6 @@ class BatchTopK(AuxKSparsity):
         """
         k, batch = self.config.k, inputs.x.shape[0]
         source: AuxSource = inputs
-        width = self.dead_width(dead)
         if self.training:
             world = data_parallel_world_size()
             n_keep = k * batch * world
@@ -178,13 +167,13 @@ class BatchTopK(AuxKSparsity):
                 self._update_threshold(smallest)
                 return threshold
 
-            if width is None or dead is None:
+            if dead is None:
                 values, indices, _ = batch_topk_encode(
                     inputs, n_keep, threshold_of=threshold_of, positive=True
                 )
             else:
                 values, indices, _, source = batch_topk_encode_with_dead(
-                    inputs, n_keep, dead.mask, width, threshold_of=threshold_of, positive=True
+                    inputs, n_keep, dead, width, threshold_of=threshold_of, positive=True
                 )
         elif bool(self.threshold >= 0):
             values, indices, _ = threshold_encode(inputs, self.threshold)

@@ -15,7 +15,6 @@ from torch import Tensor
 from sae_lightning.components.base import (
     AuxSource,
     Codes,
-    DeadLatents,
     Decoder,
     PeerActivation,
     SparsityOutput,
@@ -40,13 +39,10 @@ def check_k(k: int, d_sae: int, field: str = "k") -> None:
         )
 
 
-class TopK(AuxKSparsity):
+class TopK(AuxKSparsity[TopKConfig]):
     """TopK: the k largest pre-activations per row, ReLU'd; sparse codes; AuxK for dead latents."""
 
     auxk_owner = "TopK"
-
-    Config = TopKConfig
-    config: TopKConfig
 
     def __init__(self, config: TopKConfig, *, d_in: int, d_sae: int) -> None:
         super().__init__(config, d_in=d_in, d_sae=d_sae)
@@ -56,34 +52,27 @@ class TopK(AuxKSparsity):
         values, indices = topk_select(pre_acts, self.config.k)  # (batch, k)
         return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {})
 
-    def fused_encode(
-        self,
-        inputs: EncoderInputs,
-        *,
-        step: int,
-        decoder: Decoder,
-        dead: DeadLatents | None = None,
+    def fused_select(
+        self, inputs: EncoderInputs, dead: Tensor | None, width: int
     ) -> SparsityOutput:
         """Encode and select in one sparse autograd step: the top k of ``inputs``' product.
 
         Args:
             inputs: the linear encoder's input, centring shift, weight and bias.
-            step, decoder: as for :meth:`forward`.
-            dead: the step's dead latents, when known: AuxK's are then selected from the same
-                product chunks.
+            dead, width: the ``(d_sae,)`` dead mask, when AuxK's top ``width`` dead latents per
+                row are selected from the same product chunks.
 
         Returns:
-            The codes; the ``aux_source`` is AuxK's selection when ``dead`` was given, else
+            The codes; the ``aux_source`` is AuxK's selection when ``dead`` is given, else
             ``inputs`` (the pre-activations are never materialised; the AuxK term of the same
             step then recomputes what it needs).
         """
-        width = self.dead_width(dead)
         source: AuxSource
-        if width is None or dead is None:
+        if dead is None:
             values, indices = topk_encode(inputs, self.config.k)
             source = inputs
         else:
-            values, indices, source = topk_encode_with_dead(inputs, self.config.k, dead.mask, width)
+            values, indices, source = topk_encode_with_dead(inputs, self.config.k, dead, width)
         codes = Codes(torch.relu(values), indices, self.d_sae)
         return SparsityOutput(codes, {}, source)
 
