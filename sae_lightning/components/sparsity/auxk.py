@@ -79,10 +79,10 @@ def auxk_of_selection(
     term is exactly zero without a host branch.
 
     Args:
-        x, residual, decoder, dead: as for :func:`auxk_loss`.
-        k_aux: ``min(k_aux, d_sae)``, for the scale.
+        x, residual, decoder, dead, k_aux: as for :func:`auxk_loss`.
     """
     e_hat = decoder.decode_without_bias(Codes(values, indices, dead.shape[0]))
+    k_aux = min(k_aux, dead.shape[0])
     scale = (dead.sum().to(values.dtype) / k_aux).clamp(max=1.0)
     total_variance = total_variance_share(x).clamp_min(1e-12)
     return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
@@ -126,9 +126,7 @@ def selected_auxk_loss(
     """
     if selection.values.shape[1] == 0:
         return x.new_zeros(())
-    k_aux = min(k_aux, dead.shape[0])
-    values, indices = selection.values, selection.indices
-    return auxk_of_selection(values, indices, x, residual, decoder, dead, k_aux)
+    return auxk_of_selection(selection.values, selection.indices, x, residual, decoder, dead, k_aux)
 
 
 def auxk_terms(
