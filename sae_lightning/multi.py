@@ -146,25 +146,23 @@ class MultiSAEModule(pl.LightningModule):
         collective."""
         return training_alone() if self.spread else nullcontext()
 
-    def from_every_process(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Every process's ``values`` merged (one ``all_gather_object``; every process calls
-        it), so each process logs the metrics of every SAE."""
+    def _each_process(self, values: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every process's ``values``, in rank order (one ``all_gather_object``; every process
+        calls it)."""
         gathered: list[dict[str, Any] | None] = [None] * self.trainer.world_size
         dist.all_gather_object(gathered, values)
-        return {k: v for part in gathered if part for k, v in part.items()}
+        return [part or {} for part in gathered]
+
+    def from_every_process(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every process's ``values`` merged, so each process logs the metrics of every SAE."""
+        return {k: v for part in self._each_process(values) for k, v in part.items()}
 
     def _gather_step_logs(self, logged: dict[str, Tensor]) -> dict[str, float]:
         """Every SAE's step metrics, read on the host at logging steps only; ``train/loss_sum``
         summed over the processes."""
-        local = {k: float(v) for k, v in logged.items()}
-        gathered: list[dict[str, float] | None] = [None] * self.trainer.world_size
-        dist.all_gather_object(gathered, local)
-        merged: dict[str, float] = {}
-        total = 0.0
-        for part in gathered:
-            assert part is not None
-            total += part.pop("train/loss_sum")
-            merged.update(part)
+        parts = self._each_process({k: float(v) for k, v in logged.items()})
+        total = sum(part.pop("train/loss_sum") for part in parts)
+        merged = {k: v for part in parts for k, v in part.items()}
         merged["train/loss_sum"] = total
         return merged
 
