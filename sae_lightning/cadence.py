@@ -22,7 +22,7 @@ def logs_step(trainer: pl.Trainer, step: int) -> bool:
     """
     every = trainer.log_every_n_steps
     last = 0 < trainer.max_steps <= step + 1
-    return last or (every > 0 and (step + 1) % every == 0)
+    return last or every_n_steps(step, every)
 
 
 def every_n_steps(step: int, every: int | None) -> bool:
