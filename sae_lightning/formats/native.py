@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sae_lightning._version import __version__
 from sae_lightning.errors import ConfigError, SaeLightningError
-from sae_lightning.formats.files import SAEFiles, write_sae_files
+from sae_lightning.formats.files import SAEFiles, weights_dtype, write_sae_files
 from sae_lightning.spec import SAESpec
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -128,14 +128,6 @@ def load_native(
             f"{weights_path} does not match {where}: missing {missing_keys}, "
             f"unexpected {unexpected}, wrong shapes {wrong}"
         )
-    sae.to(file_dtype(state))
+    sae.to(weights_dtype(weights_path))
     sae.load_state_dict(state)
     return sae.to(device=device, dtype=dtype).eval()
-
-
-def file_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype the tensors were saved in (float32 when there is none)."""
-    for tensor in tensors.values():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
