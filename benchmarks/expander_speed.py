@@ -1,9 +1,9 @@
 """Training-step throughput: expander SAE against the dense TopK SAE, side by side in one process.
 
 Both SAEs train through the real stack (recipe -> registry -> SAEModule -> lightning.Trainer) on
-the same synthetic batches. A callback times each step from ``on_train_batch_start`` to
-``on_train_batch_end`` (forward, losses, backward, Adam, decoder constraints, logging), so data
-generation is excluded. The two SAEs alternate in rounds, so a change in machine load moves both;
+the same synthetic batches, generated before the fit (so no batch is made while a step runs). A
+callback times each step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
+losses, backward, Adam, decoder constraints, logging). The two SAEs alternate in rounds, so a change in machine load moves both;
 the reported ratio is the median over rounds of (dense step time / expander step time), printed
 last as ``speedup_vs_dense_fused=<ratio>``.
 
@@ -25,7 +25,7 @@ import warnings
 from typing import Any
 
 import torch
-from expander_common import StepTimer
+from expander_common import StepTimer, generate_before_fit
 
 from sae_lightning.config import RecipeConfig
 from sae_lightning.runner import build_run
@@ -70,7 +70,9 @@ def recipe(kind: str, args: argparse.Namespace, steps: int) -> RecipeConfig:
 
 def time_steps(kind: str, args: argparse.Namespace) -> list[float]:
     """Step times of one short training run, warm-up steps dropped."""
-    run = build_run(recipe(kind, args, args.warmup + args.steps), log=False)
+    steps = args.warmup + args.steps
+    run = build_run(recipe(kind, args, steps), log=False)
+    generate_before_fit(run.datamodule, steps + 1)
     timer = StepTimer()
     run.trainer.callbacks.append(timer)
     run.trainer.fit(run.module, datamodule=run.datamodule)

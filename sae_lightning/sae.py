@@ -181,7 +181,10 @@ class SparseAutoencoder(nn.Module):
             return None
         shift = self.decoder.b_dec if self.encoder.center_input else None
         inputs = EncoderInputs(x, shift, *affine)
-        return self.sparsity.fused_encode(inputs, step=step, decoder=self.decoder, dead=dead)
+        out = self.sparsity.fused_encode(inputs, step=step, decoder=self.decoder, dead=dead)
+        if out is not None and out.codes.is_flat and not self.decoder.takes_flat_codes:
+            out = out._replace(codes=out.codes.padded())  # a decoder that reads rows of pairs
+        return out
 
     def _sparsify_pointwise(self, maps: Tensor, step: int) -> SparsityOutput:
         """Apply a vector sparsity plugin to concept maps, each grid point one row."""

@@ -17,6 +17,7 @@ import torch
 from fused_paths import grads, run_both
 from torch.testing import assert_close
 
+from sae_lightning.components.base import Codes
 from sae_lightning.components.sparsity import batchtopk
 from sae_lightning.kernels import (
     EncoderInputs,
@@ -24,7 +25,6 @@ from sae_lightning.kernels import (
     batch_topk_encode_with_dead,
     batch_topk_select,
     memory,
-    select,
     threshold_encode,
     threshold_select,
 )
@@ -62,48 +62,69 @@ def tied_pre(seed: int, rows: int, n: int) -> torch.Tensor:
     return pre
 
 
+def expected_positions(pre: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Flat positions of the ``n_keep`` largest entries, ties by position: a stable sort's."""
+    order = pre.flatten().sort(descending=True, stable=True).indices
+    return order[: min(n_keep, pre.numel())].sort().values
+
+
+def check_flat(sel, pre: torch.Tensor, positions: torch.Tensor, capacity: int) -> None:
+    """``sel`` holds exactly the entries of ``pre`` at the flat ``positions``, row-major, in a
+    list of ``capacity`` slots padded at the end (value 0, latent 0, last row)."""
+    rows, n = pre.shape
+    assert sel.values.shape == sel.indices.shape == sel.valid.shape == (capacity,)
+    kept = int(sel.valid.sum())
+    assert kept == positions.numel() and bool(sel.valid[:kept].all())
+    flat = sel.rows[:kept] * n + sel.indices[:kept]
+    assert torch.equal(flat, positions)  # row-major: sorted by row, then latent
+    assert torch.equal(sel.values[:kept], pre.flatten()[positions])
+    pad = ~sel.valid
+    assert (sel.values[pad] == 0).all() and (sel.indices[pad] == 0).all()
+    assert (sel.rows[pad] == rows - 1).all()
+    starts = torch.searchsorted(sel.rows, torch.arange(rows))
+    assert torch.equal(sel.offsets, starts)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
     ("rows", "n", "k"), [(7, 40, 4), (6, 512, 3), (5, 64, 20), (4, 8, 2), (4, 8, 10)]
 )
-@pytest.mark.parametrize("positive", [False, True])
-def test_batch_topk_select_keeps_everything_at_or_above_the_kth_largest(
-    seed, rows, n, k, positive
-) -> None:
+def test_batch_topk_select_keeps_the_n_keep_largest_ties_by_position(seed, rows, n, k) -> None:
     for pre in (torch.randn(rows, n), tied_pre(seed, rows, n)):
         n_keep = k * rows
-        values, indices, valid = batch_topk_select(pre, n_keep, positive=positive)
-        threshold = pre.flatten().topk(min(n_keep, pre.numel())).values.min()
-        expected = (pre >= threshold) & (pre > 0) if positive else pre >= threshold
-        kept = torch.zeros_like(pre, dtype=torch.bool)
-        kept[torch.arange(rows)[:, None].expand_as(indices)[valid], indices[valid]] = True
-        assert torch.equal(kept, expected)
-        assert torch.equal(pre.gather(1, indices)[valid], values[valid])
-        assert valid.shape[1] == max(int(expected.sum(dim=1).max()), 1)
+        sel = batch_topk_select(pre, n_keep)
+        check_flat(sel, pre, expected_positions(pre, n_keep), min(n_keep, pre.numel()))
 
 
-def test_batch_topk_select_ties_beyond_the_candidates_are_kept() -> None:
+def test_batch_topk_select_ties_beyond_the_candidates_go_by_position() -> None:
     pre = torch.zeros(3, 16)
     pre[0, :5] = 2.0
-    pre[1, :] = 1.0  # the 8th largest is 1.0, tied 16 times
-    values, indices, valid = batch_topk_select(pre, 8)
-    assert int(valid.sum()) == 5 + 16  # not 8: all ties at the threshold are in
-    assert torch.equal(scatter(values, indices, valid, 16), pre)
+    pre[1, :] = 1.0  # the 8th largest is 1.0, tied 16 times: the first three are kept
+    sel = batch_topk_select(pre, 8)
+    assert sel.rows.tolist() == [0] * 5 + [1] * 3
+    assert sel.indices.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert sel.values.tolist() == [2.0] * 5 + [1.0] * 3
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_batch_topk_select_uses_the_threshold_it_is_given(seed) -> None:
+def test_batch_topk_select_uses_the_threshold_and_quota_it_is_given(seed) -> None:
     torch.manual_seed(seed)
     pre = torch.randn(5, 64)
     seen = []
+    given = pre.flatten().topk(20).values[13]  # the 14th largest
 
     def threshold_of(top: torch.Tensor) -> torch.Tensor:
         seen.append(top.sort().values)
-        return torch.tensor(0.5)
+        return given
 
-    values, indices, valid = batch_topk_select(pre, 20, threshold_of=threshold_of)
+    sel = batch_topk_select(pre, 20, threshold_of=threshold_of)
     assert torch.equal(seen[0], pre.flatten().topk(20).values.sort().values)
-    assert torch.equal(scatter(values, indices, valid, 64) != 0, pre >= 0.5)
+    check_flat(sel, pre, (pre.flatten() >= given).nonzero().flatten(), 20)
+    # a quota of 0 leaves out the entry equal to the threshold
+    sel = batch_topk_select(
+        pre, 20, threshold_of=lambda top: given, quota_of=lambda above, tied: above * 0
+    )
+    check_flat(sel, pre, (pre.flatten() > given).nonzero().flatten(), 20)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -135,10 +156,10 @@ def test_gradcheck_float64(mode) -> None:
     def encode(x, s, w, b):
         inputs = EncoderInputs(x, s, w, b)
         if mode == "batch":
-            values, indices, valid = batch_topk_encode(inputs, 3 * x.shape[0], positive=True)
-        else:
-            chunk = 3 if mode == "threshold_chunked" else None
-            values, indices, valid = threshold_encode(inputs, 0.8, chunk_rows=chunk)
+            values, indices, offsets = batch_topk_encode(inputs, 3 * x.shape[0])
+            return Codes(torch.relu(values), indices, w.shape[0], offsets).dense()
+        chunk = 3 if mode == "threshold_chunked" else None
+        values, indices, valid = threshold_encode(inputs, 0.8, chunk_rows=chunk)
         return scatter(torch.relu(values), indices, valid, w.shape[0])
 
     assert torch.autograd.gradcheck(encode, (x, s, w, b))
@@ -151,13 +172,13 @@ def test_gradcheck_float64_with_the_dead_selection() -> None:
     dead[[2, 9, 11, 25, 38]] = True  # 5 dead, 7 slots: two per row stay empty
 
     def encode(x, s, w, b):
-        values, indices, valid, sel = batch_topk_encode_with_dead(
-            EncoderInputs(x, s, w, b), 3 * x.shape[0], dead, 7, positive=True
+        values, indices, offsets, sel = batch_topk_encode_with_dead(
+            EncoderInputs(x, s, w, b), 3 * x.shape[0], dead, 7
         )
         assert (sel.values == 0).sum() == 2 * x.shape[0] and dead[
             sel.indices[sel.values != 0]
         ].all()
-        return scatter(torch.relu(values), indices, valid, w.shape[0]), sel.values
+        return Codes(torch.relu(values), indices, w.shape[0], offsets).dense(), sel.values
 
     assert torch.autograd.gradcheck(encode, (x, s, w, b))
 
@@ -202,13 +223,6 @@ def batch_of(kind: str, sae: SparseAutoencoder) -> torch.Tensor:
 def test_fused_training_matches_dense(seed, kind, decoder, monkeypatch) -> None:
     sae = make_sae(decoder, seed)
     x = batch_of(kind, sae)
-    whole_batch_passes = []  # when ties reach past the candidates, the whole batch is compared
-    real = select.threshold_select
-    monkeypatch.setattr(
-        select,
-        "threshold_select",
-        lambda *a, **kw: whole_batch_passes.append(1) or real(*a, **kw),
-    )
     results = []
     for fused in (True, False):
         model = copy.deepcopy(sae)
@@ -220,7 +234,7 @@ def test_fused_training_matches_dense(seed, kind, decoder, monkeypatch) -> None:
     (fused, loss_f, grads_f, thr_f), (dense, loss_d, grads_d, thr_d) = results
 
     assert fused.pre_acts is None and dense.pre_acts is not None
-    assert fused.codes.indices is not None  # sparse codes, padded to the widest row
+    assert fused.codes.is_flat  # k * B pairs in one list
     close(fused.codes.dense(), dense.codes.dense())
     assert torch.equal(fused.codes.l0(), dense.codes.l0())
     close(fused.x_hat, dense.x_hat)
@@ -229,10 +243,11 @@ def test_fused_training_matches_dense(seed, kind, decoder, monkeypatch) -> None:
     for name in grads_d:
         close(grads_f[name], grads_d[name])
     assert torch.equal(thr_f, thr_d) and thr_f > 0  # the running threshold moved identically
-    if kind == "zero_rows":  # ties at the threshold: more than k * batch entries kept
-        assert int(dense.codes.l0().sum()) > K * B and whole_batch_passes
-    else:
-        assert int(dense.codes.l0().sum()) == K * B and not whole_batch_passes
+    assert int(dense.codes.l0().sum()) == K * B  # exactly k * batch, ties or not
+    acts = torch.relu(dense.pre_acts.detach())  # the tied entries kept are the first by position
+    expected = torch.zeros(B * D_SAE, dtype=torch.bool)
+    expected[expected_positions(acts, K * B)] = True
+    assert torch.equal(dense.codes.dense() != 0, expected.view(B, D_SAE) & (acts > 0))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -308,17 +323,19 @@ def test_fused_and_dense_sync_identically(seed, monkeypatch) -> None:
     whole = one.run(x).codes.dense()
     halves = (x[:B], x[B:])
 
-    sent: dict[tuple[bool, int], torch.Tensor] = {}
+    sent: dict[tuple[bool, int, str], torch.Tensor] = {}
     state = {"rank": 0, "path": True, "replay": False}
 
-    def all_gather(out: list[torch.Tensor], top: torch.Tensor) -> None:
-        sent.setdefault((state["path"], state["rank"]), top.clone())
+    def all_gather(out: list[torch.Tensor], mine: torch.Tensor) -> None:
+        kind = "counts" if mine.dtype == torch.long else "top"  # (above, tied) or values
+        sent.setdefault((state["path"], state["rank"], kind), mine.clone())
         for r in range(2):  # the first pass sends its own values as both ranks'
-            other = sent.get((state["path"], r), top) if state["replay"] else top
+            other = sent.get((state["path"], r, kind), mine) if state["replay"] else mine
             out[r].copy_(other)
 
     monkeypatch.setattr(batchtopk, "data_parallel_world_size", lambda: 2)
     monkeypatch.setattr(batchtopk.dist, "all_gather", all_gather)
+    monkeypatch.setattr(batchtopk.dist, "get_rank", lambda: state["rank"])
     for replay in (False, True):
         state["replay"] = replay
         for fused in (True, False):
@@ -331,5 +348,7 @@ def test_fused_and_dense_sync_identically(seed, monkeypatch) -> None:
                     close(codes, whole[rank * B : (rank + 1) * B])
                     assert torch.equal(model.sparsity.threshold, one.sparsity.threshold)
     for rank in (0, 1):
-        assert torch.equal(sent[True, rank].sort().values, sent[False, rank].sort().values)
-        assert sent[True, rank].dtype == torch.float32 and sent[True, rank].numel() == 2 * K * B
+        top_f, top_d = sent[True, rank, "top"], sent[False, rank, "top"]
+        assert torch.equal(top_f.sort().values, top_d.sort().values)
+        assert top_f.dtype == torch.float32 and top_f.numel() == 2 * K * B
+        assert torch.equal(sent[True, rank, "counts"], sent[False, rank, "counts"])

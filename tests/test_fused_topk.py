@@ -13,7 +13,7 @@ import torch
 from fused_paths import run_both
 from torch.testing import assert_close
 
-from sae_lightning.components.base import DeadLatents
+from sae_lightning.components.base import Codes, DeadLatents
 from sae_lightning.components.sparsity import auxk
 from sae_lightning.components.sparsity.auxk import auxk_loss
 from sae_lightning.kernels import (
@@ -134,7 +134,14 @@ def test_weight_gradient_implementations_match_dense(seed, impl) -> None:
     weights = torch.randn(batch, k)
     x = torch.randn(batch, d)
     dense_codes = torch.zeros(batch, n).scatter(1, indices, weights)
-    close(getattr(weight_grad, impl)(indices, weights, x, n), dense_codes.t() @ x)
+    rows = torch.arange(batch).repeat_interleave(k)
+    shuffle = torch.randperm(batch * k)  # flat pairs in any order, each with its row
+    flat = (indices.reshape(-1)[shuffle], weights.reshape(-1)[shuffle], x, n)
+    if impl == "sparse_weight_grad":
+        close(sparse_weight_grad(indices, weights, x, n), dense_codes.t() @ x)
+        close(sparse_weight_grad(*flat, rows=rows[shuffle]), dense_codes.t() @ x)
+    else:
+        close(getattr(weight_grad, impl)(*flat, rows[shuffle]), dense_codes.t() @ x)
 
 
 def test_pooled_gradients_are_reused_only_once_released() -> None:
@@ -192,7 +199,9 @@ def test_sparse_decode_matches_embedding_bag(seed, monkeypatch) -> None:
         close(a, b)
     # the accelerator formula (gathered atoms, chunked), forced here on the CPU
     monkeypatch.setattr(memory, "DEFAULT_CHUNK_BYTES", 3 * 5 * 8 * 4)  # three rows a chunk
-    close(decode._sampled_dots_gathered(g, atoms, indices), sampled_dots(g, atoms, indices))
+    rows = torch.arange(indices.shape[0]).repeat_interleave(indices.shape[1])
+    gathered = decode._sampled_dots_gathered(g, atoms, indices.reshape(-1), rows)
+    close(gathered.view(indices.shape), sampled_dots(g, atoms, indices))
 
 
 # ---- the SAE: fused against dense --------------------------------------------------------------
@@ -354,21 +363,25 @@ def test_fused_inference_matches_dense() -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_batch_topk_select_pads_rows_to_the_widest(seed) -> None:
+def test_batch_topk_codes_are_flat_and_pad_to_the_widest_row(seed) -> None:
     torch.manual_seed(seed)
     pre = torch.randn(7, 40)
     pre[3] += 3.0  # one row holds many of the batch's largest entries
     pre[5] = -10.0  # and one row none
     k = 4
-    values, indices, valid = batch_topk_select(pre, k * 7)
-    assert int(valid.sum()) == k * 7 and (values[~valid] == 0).all()
-    kept = torch.zeros_like(pre).index_put_(
-        (torch.arange(7)[:, None].expand_as(indices)[valid], indices[valid]), values[valid]
-    )
+    sel = batch_topk_select(pre, k * 7)
+    assert int(sel.valid.sum()) == k * 7 and sel.values.shape == (k * 7,)
+    codes = Codes(sel.values, sel.indices, 40, sel.offsets)
+    kept = codes.dense()
     flat_top = pre.flatten().topk(k * 7).values
     assert torch.equal(kept[kept != 0].sort().values, flat_top.sort().values)
-    assert valid[5].sum() == 0 and valid[3].sum() > k
-    assert valid.shape[1] == int(valid.sum(dim=1).max())
+    l0 = codes.l0()
+    assert l0[5] == 0 and l0[3] > k and int(l0.sum()) == k * 7
+    padded = codes.padded()  # (7, widest row): what a decoder without flat codes gets
+    assert padded.values.shape == (7, int(l0.max())) and not padded.is_flat
+    assert torch.equal(padded.dense(), kept) and torch.equal(padded.l0(), l0)
+    assert torch.equal(padded.fire_counts(), codes.fire_counts())
+    close(padded.l1(), codes.l1())  # summed in another order
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -376,11 +389,10 @@ def test_batch_topk_encode_matches_dense_reference(seed) -> None:
     torch.manual_seed(seed)
     x, s, w, b = (t.float().detach().requires_grad_() for t in f64_inputs(n=64))
     k = 3
-    values, indices, valid = batch_topk_encode(EncoderInputs(x, s, w, b), k * x.shape[0])
-    assert (values[~valid] == 0).all() and int(valid.sum()) == k * x.shape[0]
-    codes = torch.relu(values)
+    values, indices, offsets = batch_topk_encode(EncoderInputs(x, s, w, b), k * x.shape[0])
+    assert values.shape == (k * x.shape[0],)
     g = torch.randn(x.shape[0], 64)
-    dense_codes = torch.zeros(x.shape[0], 64).scatter_add(1, indices, codes)
+    dense_codes = Codes(torch.relu(values), indices, 64, offsets).dense()
     ((dense_codes * g).sum()).backward()
     got = [t.grad.clone() for t in (x, s, w, b)]
 

@@ -35,22 +35,6 @@ of the 9 values logged, 3 for the progress bar, 1 for the NonFiniteGuard's check
 checkpoint (every 10 steps here, on the logging steps), 1 for the dead-latent counters (the host's
 bound on how many can be dead, :mod:`sae_lightning.counter_bound`), and the plugin's own."""
 
-PLUGIN_DIRS = ("sparsity/", "kernels/")
-"""Where the sparsity plugins' own reads are (components/sparsity/, kernels/)."""
-
-
-class PluginHostReads(AssertionError):
-    """Host reads between logging steps, all of them inside the sparsity plugins."""
-
-
-PLUGIN_READS = pytest.mark.xfail(
-    strict=True,
-    raises=PluginHostReads,
-    reason="the fused BatchTopK selection reads the width of its widest row (and whether ties "
-    "reach past its candidates) to size its padded per-row codes (kernels/select.py); strict: "
-    "remove this mark once it is gone",
-)
-
 SPARSITY = {
     "topk": {"name": "topk", "k": 4},
     "batchtopk": {"name": "batchtopk", "k": 4},
@@ -132,10 +116,7 @@ def counting(counter: HostReads) -> Iterator[None]:
             setattr(owner, name, original)
 
 
-@pytest.mark.parametrize(
-    "plugin",
-    [pytest.param(p, marks=PLUGIN_READS) if p == "batchtopk" else p for p in SPARSITY],
-)
+@pytest.mark.parametrize("plugin", list(SPARSITY))
 def test_no_host_reads_between_logging_steps(tmp_path, plugin: str) -> None:
     recipe = load_recipe(
         [RECIPE],
@@ -180,11 +161,4 @@ def test_no_host_reads_between_logging_steps(tmp_path, plugin: str) -> None:
         )
 
     between = {s: dict(c) for s, c in counter.reads.items() if s not in LOGGING_STEPS}
-    outside = {
-        s: sites
-        for s, sites in between.items()
-        if any(not site.startswith(PLUGIN_DIRS) for site in sites)
-    }
-    assert outside == {}, f"host reads on steps that do not log: {outside}"
-    if between:
-        raise PluginHostReads(f"the sparsity plugin reads the device every step: {between}")
+    assert between == {}, f"host reads on steps that do not log: {between}"

@@ -172,7 +172,8 @@ def expected_traffic(case: str) -> dict[str, int]:
     if case == "topk":
         return {"tp.all_reduce": tp_reduce, "tp.all_gather": b * k * fp32}
     assert case == "batchtopk"
-    return {"tp.all_reduce": tp_reduce, "mesh.all_gather": k * b * fp32}
+    ties = (b + 3) * 8  # the tie counts: place in the mesh, count above, ties per row (int64)
+    return {"tp.all_reduce": tp_reduce, "mesh.all_gather": k * b * fp32 + ties}
 
 
 @pytest.mark.parametrize("case", ["topk", "batchtopk", "relu", "jumprelu"])

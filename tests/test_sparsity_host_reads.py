@@ -82,15 +82,8 @@ def test_fused_topk_without_auxk_reads_nothing(host_reads) -> None:
     assert one_step({**SPARSITIES["topk"], "aux_coefficient": 0}, True, host_reads) == {}
 
 
-BATCHTOPK_WIDTH = pytest.mark.xfail(
-    strict=True,
-    reason="the fused BatchTopK selection reads the width of its widest row (and whether ties "
-    "reach past its candidates) to size its padded per-row codes (kernels/select.py)",
-)
-
-
 @pytest.mark.parametrize("dead_at_forward", [False, True])
-@pytest.mark.parametrize("name", ["topk", pytest.param("batchtopk", marks=BATCHTOPK_WIDTH)])
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
 def test_fused_topk_family_with_auxk_reads_nothing(name, dead_at_forward, host_reads) -> None:
     assert one_step(SPARSITIES[name], True, host_reads, dead_at_forward) == {}
 

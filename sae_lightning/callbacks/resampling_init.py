@@ -123,7 +123,7 @@ def encode_values(sae: torch.nn.Module, x: Tensor) -> Tensor:
     was_training = sae.training
     sae.eval()
     try:
-        return sae.encode_codes(x).values.float()
+        return sae.encode_codes(x).padded().values.float()
     finally:
         sae.train(was_training)
 

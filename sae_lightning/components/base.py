@@ -12,7 +12,7 @@ end let a plugin compute batch statistics over the global batch when it trains u
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Generic, TypeVar, get_args
+from typing import Any, ClassVar, Generic, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
@@ -168,9 +168,19 @@ class Decoder(Plugin[ConfigT], nn.Module):
 
     Attributes:
         b_dec: ``(d_in,)`` output bias, also used to centre inputs for encoders that ask.
+        takes_flat_codes: the decoder reads flat codes (:attr:`Codes.is_flat`), as
+            :meth:`decode_without_bias` does. A decoder that overrides it without handling them
+            leaves this False: the SAE then hands it the codes padded per row
+            (:meth:`Codes.padded`, which reads their width on the host).
     """
 
     b_dec: nn.Parameter
+    takes_flat_codes: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "takes_flat_codes" not in cls.__dict__:  # the inherited decode reads them
+            cls.takes_flat_codes = cls.decode_without_bias is Decoder.decode_without_bias
 
     def __init__(self, config: ConfigT, *, d_in: int, d_sae: int, encoder: Encoder) -> None:
         super().__init__()
@@ -187,8 +197,8 @@ class Decoder(Plugin[ConfigT], nn.Module):
         atoms = self.atoms()
         if codes.indices is None:
             return codes.values @ atoms
-        # (batch, k) ids and weights -> (batch, d_in), a gather-and-sum over k atom rows.
-        return sparse_decode(codes.indices, codes.values.to(atoms.dtype), atoms)
+        # ids and weights -> (batch, d_in), a gather-and-sum over each row's atom rows.
+        return sparse_decode(codes.indices, codes.values.to(atoms.dtype), atoms, codes.offsets)
 
     def atoms(self) -> Tensor:  # pragma: no cover - protocol
         """The ``(d_sae, d_in)`` dictionary, one atom (feature direction) per row."""

@@ -13,51 +13,89 @@ import torch
 from torch import Tensor, nn
 
 from sae_lightning.kernels.encode import DeadSelection, EncoderInputs
+from sae_lightning.kernels.select import pad_rows, rows_of
 
 
 class Codes(NamedTuple):
-    """Latent activations, dense or as ``k`` (index, value) pairs per row.
+    """Latent activations: dense, as ``k`` (index, value) pairs per row, or as one flat list.
 
-    Sparse codes let decoders gather ``k`` dictionary rows instead of multiplying by a dense
-    ``(batch, d_sae)`` matrix that is mostly zeros. Function-space SAEs produce *concept maps*:
-    dense values ``(batch, d_sae, *grid)``, one function per latent (see
-    :mod:`sae_lightning.functional`); a latent is then active in a sample when its map is
-    nonzero anywhere.
+    Sparse codes let decoders gather the active dictionary rows instead of multiplying by a
+    dense ``(batch, d_sae)`` matrix that is mostly zeros. Rows with a varying number of active
+    latents (BatchTopK in training) come *flat*: every row's pairs in one row-major list of a
+    length fixed in advance, with the first entry of each row in ``offsets``, so that no shape
+    depends on the data. Function-space SAEs produce *concept maps*: dense values
+    ``(batch, d_sae, *grid)``, one function per latent (see :mod:`sae_lightning.functional`); a
+    latent is then active in a sample when its map is nonzero anywhere.
     """
 
     values: Tensor
-    """``(batch, k)`` when sparse, ``(batch, d_sae)`` when dense, ``(batch, d_sae, *grid)`` for
-    concept maps; zero means inactive."""
+    """``(batch, k)`` when sparse, ``(entries,)`` when flat, ``(batch, d_sae)`` when dense,
+    ``(batch, d_sae, *grid)`` for concept maps; zero means inactive (flat padding is zero)."""
     indices: Tensor | None
-    """``(batch, k)`` latent ids of ``values`` when sparse; None when dense."""
+    """Latent ids of ``values`` (same shape) when sparse or flat; None when dense."""
     d_sae: int
     """Number of latents."""
+    offsets: Tensor | None = None
+    """``(batch,)`` first entry of each row when flat (``F.embedding_bag``'s ``offsets``:
+    row ``b`` holds entries ``offsets[b]`` up to ``offsets[b + 1]``); None otherwise."""
 
     @property
     def is_sparse(self) -> bool:
+        """True for ``(index, value)`` pairs, per row or flat."""
         return self.indices is not None
+
+    @property
+    def is_flat(self) -> bool:
+        """True for one flat list of pairs with row ``offsets``."""
+        return self.offsets is not None
 
     @property
     def is_map(self) -> bool:
         """True for concept maps ``(batch, d_sae, *grid)``."""
         return self.values.ndim > 2
 
+    def rows(self) -> Tensor:
+        """The row of each entry: ``(entries,)`` when flat, ``(batch, k)`` when sparse."""
+        if self.offsets is not None:
+            return rows_of(self.offsets, self.values.numel())
+        batch, k = self.values.shape[:2]
+        return torch.arange(batch, device=self.values.device).unsqueeze(1).expand(batch, k)
+
+    def padded(self) -> Codes:
+        """The same codes with ``(batch, k)`` pairs per row (rows padded to the widest): the
+        layout decoders that do not take flat codes get; the width is read on the host."""
+        if self.offsets is None:
+            return self
+        assert self.indices is not None
+        values, indices = pad_rows(self.values, self.indices, self.rows(), len(self.offsets))
+        return Codes(values, indices, self.d_sae)
+
     def _active(self) -> Tensor:
-        """``(batch, k or d_sae)`` bool: which entries are active (anywhere, for maps)."""
+        """Which entries are active (anywhere, for maps): ``values``' shape less the grid."""
         if self.values.ndim > 2:
             return (self.values != 0).flatten(2).any(dim=2)
         return self.values != 0
+
+    def _per_row(self, per_entry: Tensor) -> Tensor:
+        """``(batch,)`` sums over each row of a per-entry quantity."""
+        if self.offsets is None:
+            return per_entry.sum(dim=1)
+        out = per_entry.new_zeros(len(self.offsets))
+        return out.index_add_(0, self.rows(), per_entry)
 
     def dense(self) -> Tensor:
         """The ``(batch, d_sae)`` activation matrix."""
         if self.indices is None:
             return self.values
+        if self.offsets is not None:
+            out = self.values.new_zeros(len(self.offsets), self.d_sae)
+            return out.index_put((self.rows(), self.indices), self.values, accumulate=True)
         out = self.values.new_zeros(self.values.shape[0], self.d_sae)
         return out.scatter_add(1, self.indices, self.values)
 
     def l0(self) -> Tensor:
         """``(batch,)`` number of active latents per row (per sample, for concept maps)."""
-        return self._active().sum(dim=1)
+        return self._per_row(self._active().long())
 
     def fire_counts(self) -> Tensor:
         """``(d_sae,)`` how many rows (samples, for concept maps) each latent was active in."""
@@ -71,7 +109,7 @@ class Codes(NamedTuple):
         """``(batch,)`` L1 norm of each row; for maps, the sum of each map's integral of |z|."""
         if self.values.ndim > 2:
             return self.values.abs().flatten(2).mean(dim=2).sum(dim=1)
-        return self.values.abs().sum(dim=1)
+        return self._per_row(self.values.abs())
 
 
 AuxSource = Tensor | EncoderInputs | DeadSelection

@@ -30,6 +30,8 @@ from torch import Tensor
 
 from sae_lightning.kernels.memory import WORKSPACE, default_chunk_rows
 from sae_lightning.kernels.select import (
+    FlatSelection,
+    QuotaFn,
     Selection,
     ThresholdFn,
     batch_topk_select,
@@ -84,9 +86,11 @@ class TopKEncoder(torch.autograd.Function):
 
     ``forward(x, shift, weight, bias, select, rows, chunk_rows) -> (values, indices)``, with the
     tensors of :class:`EncoderInputs`; ``select`` maps a ``(rows, n)`` block of pre-activations
-    to a :data:`Selection`; ``rows`` (optional ``(n,)`` latent ids) restricts the product to
-    those latents (AuxK's dead ones); ``chunk_rows`` (None: the whole batch) bounds the rows
-    multiplied at once, and must be None for a selection across rows (BatchTopK). ``indices``
+    to a :data:`Selection`, or the whole batch to a :class:`FlatSelection` (then ``values`` and
+    ``indices`` are its flat lists); ``rows`` (optional ``(n,)`` latent ids) restricts the
+    product to those latents (AuxK's dead ones); ``chunk_rows`` (None: the whole batch) bounds
+    the rows multiplied at once, and must be None for a selection across rows (BatchTopK).
+    ``indices``
     are global latent ids and carry no gradient; padded slots of ``values`` are 0 and pass no
     gradient. The gradient of ``shift`` is ``-grad_bias @ weight``, a matrix-vector product,
     so no per-row input gradient is formed unless ``x`` itself requires one.
@@ -109,7 +113,7 @@ class TopKEncoder(torch.autograd.Function):
         batch = x.shape[0]
         step = batch if chunk_rows is None else max(1, min(chunk_rows, batch))
         if step >= batch and x.device.type != "cpu":
-            values, indices, valid = select(_affine(x_enc, w, b))
+            parts = [select(_affine(x_enc, w, b))]
         else:
             with WORKSPACE.borrow(step * w.shape[0], x) as buf:
                 chunk = buf.view(step, w.shape[0])  # (step, n), reused by every chunk
@@ -117,10 +121,11 @@ class TopKEncoder(torch.autograd.Function):
                     select(_affine(x_enc[i : i + step], w, b, out=chunk[: min(step, batch - i)]))
                     for i in range(0, batch, step)
                 ]
-            values, indices, valid = concat(parts)
+        values, indices, valid = concat(parts)[:3]
         if rows is not None:
             indices = rows[indices]
-        ctx.save_for_backward(x_enc, weight, indices, valid)
+        entry_rows = parts[0].rows if isinstance(parts[0], FlatSelection) else None
+        ctx.save_for_backward(x_enc, weight, indices, valid, entry_rows)
         ctx.has_shift = shift is not None
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(indices)
@@ -130,18 +135,19 @@ class TopKEncoder(torch.autograd.Function):
     def backward(
         ctx: Any, grad_values: Tensor, grad_indices: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        x_enc, weight, indices, valid = ctx.saved_tensors
+        x_enc, weight, indices, valid, entry_rows = ctx.saved_tensors
         need_x, need_shift, need_w, need_b = ctx.needs_input_grad[:4]
         g = grad_values.to(weight.dtype)
         if valid is not None:
             g = g * valid
-        g = g.contiguous()  # (batch, k)
+        g = g.contiguous()  # (batch, k), or (entries,) with their rows
         grad_x = grad_shift = grad_w = grad_b = None
         if need_x:
-            # (batch, k) ids and weights -> (batch, d_in): sum_j g[b, j] W[idx[b, j]]
-            grad_x = F.embedding_bag(indices, weight, per_sample_weights=g, mode="sum")
+            # ids and weights -> (batch, d_in): sum over a row's entries of g W[idx]
+            grad_x = _gather_rows(indices, g, weight, entry_rows, x_enc.shape[0])
         if need_w:
-            grad_w = sparse_weight_grad(indices, g, x_enc.to(weight.dtype), weight.shape[0])
+            x_w = x_enc.to(weight.dtype)
+            grad_w = sparse_weight_grad(indices, g, x_w, weight.shape[0], rows=entry_rows)
         if (ctx.has_bias and need_b) or (ctx.has_shift and need_shift):
             per_latent = weight.new_zeros(weight.shape[0])  # (d_sae,) sum of g per latent
             per_latent.index_add_(0, indices.reshape(-1), g.reshape(-1))
@@ -151,6 +157,20 @@ class TopKEncoder(torch.autograd.Function):
                 # sum_b grad_x[b] = per_latent @ W; the shift enters with a minus sign.
                 grad_shift = -(per_latent @ weight)
         return grad_x, grad_shift, grad_w, grad_b, None, None, None
+
+
+def _gather_rows(
+    indices: Tensor, weights: Tensor, table: Tensor, rows: Tensor | None, batch: int
+) -> Tensor:
+    """``(batch, d)``: each row's sum of ``weights * table[indices]`` over its entries, for
+    ``(batch, k)`` entries or a flat list with the ``rows`` of its entries (any order)."""
+    if rows is None:
+        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+    rows, order = rows.sort(stable=True)
+    offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))
+    return F.embedding_bag(
+        indices[order], table, offsets, per_sample_weights=weights[order], mode="sum"
+    )
 
 
 def _affine(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
@@ -191,7 +211,7 @@ def batch_topk_encode(
     n_keep: int,
     *,
     threshold_of: ThresholdFn | None = None,
-    positive: bool = False,
+    quota_of: QuotaFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BatchTopK of the encoder's pre-activations (:func:`batch_topk_select`).
 
@@ -199,18 +219,21 @@ def batch_topk_encode(
 
     Args:
         inputs: the linear encoder's input, weight and bias.
-        n_keep: entries kept over the batch before ties (``k * batch``, times the DDP world).
-        threshold_of, positive: as for :func:`batch_topk_select`.
+        n_keep: entries kept over the batch (``k * batch``, times the DDP world).
+        threshold_of, quota_of: as for :func:`batch_topk_select`.
 
     Returns:
-        ``(values, indices, valid)``, each ``(batch, width)`` with ``width`` the most entries
-        any row kept; padded slots have value 0, latent 0 and ``valid`` False.
+        ``(values, indices, offsets)``: the kept entries as a flat row-major list of
+        ``min(n_keep, batch * d_sae)`` slots (padding: value 0 at latent 0, at the end) and the
+        first slot of each row, ``(batch,)``.
     """
 
-    def select(pre: Tensor) -> Selection:
-        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, positive=positive)
+    def select(pre: Tensor) -> FlatSelection:
+        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, quota_of=quota_of)
 
-    return _encode_padded(inputs, select, None)
+    values, indices, selection = _encode_recorded(inputs, select, None)
+    assert isinstance(selection, FlatSelection)
+    return values, indices, selection.offsets
 
 
 def threshold_encode(
@@ -231,7 +254,9 @@ def threshold_encode(
     def select(pre: Tensor) -> Selection:
         return threshold_select(pre, threshold)
 
-    return _encode_padded(inputs, select, chunk_rows)
+    values, indices, selection = _encode_recorded(inputs, select, chunk_rows)
+    assert selection[2] is not None
+    return values, indices, selection[2]
 
 
 def topk_encode_with_dead(
@@ -271,24 +296,29 @@ def batch_topk_encode_with_dead(
     width: int,
     *,
     threshold_of: ThresholdFn | None = None,
-    positive: bool = False,
+    quota_of: QuotaFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, DeadSelection]:
     """:func:`batch_topk_encode` and AuxK's :class:`DeadSelection` from the same product.
 
     Args:
-        inputs, n_keep, threshold_of, positive: as for :func:`batch_topk_encode`.
+        inputs, n_keep, threshold_of, quota_of: as for :func:`batch_topk_encode`.
         dead, width: as for :func:`topk_encode_with_dead`.
     """
 
-    def select(pre: Tensor) -> Selection:
-        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, positive=positive)
+    def select(pre: Tensor) -> FlatSelection:
+        return batch_topk_select(pre, n_keep, threshold_of=threshold_of, quota_of=quota_of)
 
     if width == 0:
-        return (*_encode_padded(inputs, select, None), _no_dead(inputs, dead))
-    values, indices, valid = _encode_padded(inputs, with_dead_topk(select, width, dead), None)
-    values, indices, aux_values, aux_indices = _split(values, indices, width)
-    selection = DeadSelection(aux_values, aux_indices, dead, inputs)
-    return values, indices, valid[:, width:].contiguous(), selection
+        return (
+            *batch_topk_encode(inputs, n_keep, threshold_of=threshold_of, quota_of=quota_of),
+            _no_dead(inputs, dead),
+        )
+    values, indices, selection = _encode_recorded(inputs, with_dead_topk(select, width, dead), None)
+    assert isinstance(selection, FlatSelection)
+    cut = inputs.x.shape[0] * width  # the dead selection's entries come first
+    aux_values, aux_indices = values[:cut].view(-1, width), indices[:cut].view(-1, width)
+    selection_out = DeadSelection(aux_values, aux_indices, dead, inputs)
+    return values[cut:], indices[cut:], selection.offsets, selection_out
 
 
 def dead_topk_encode(
@@ -309,17 +339,29 @@ def dead_topk_encode(
 
 
 def with_dead_topk(
-    select: Callable[[Tensor], Selection], width: int, dead: Tensor
-) -> Callable[[Tensor], Selection]:
+    select: Callable[[Tensor], Any], width: int, dead: Tensor
+) -> Callable[[Tensor], Any]:
     """``select``, then :func:`dead_topk_select` of the same chunk, its ``width`` columns first
-    (a chunk padded by :func:`concat` grows at the end, past them)."""
+    (a chunk padded by :func:`concat` grows at the end, past them). For a
+    :class:`FlatSelection`, the dead selection's ``(rows, width)`` entries come first in the
+    flat lists (``offsets`` stay those of the selection's own entries, after them)."""
     live = ~dead
 
-    def both(pre: Tensor) -> Selection:
-        values, indices, valid = select(pre)  # before the dead selection overwrites ``pre``
+    def both(pre: Tensor) -> Selection | FlatSelection:
+        chosen = select(pre)  # before the dead selection overwrites ``pre``
+        aux_values, aux_indices, aux_valid = dead_topk_select(pre, width, live)
+        if isinstance(chosen, FlatSelection):
+            row_ids = torch.arange(pre.shape[0], device=pre.device)
+            return FlatSelection(
+                torch.cat([aux_values.reshape(-1), chosen.values]),
+                torch.cat([aux_indices.reshape(-1), chosen.indices]),
+                torch.cat([aux_valid.reshape(-1), chosen.valid]),
+                torch.cat([row_ids.repeat_interleave(width), chosen.rows]),
+                chosen.offsets,
+            )
+        values, indices, valid = chosen
         if valid is None:
             valid = torch.ones_like(values, dtype=torch.bool)
-        aux_values, aux_indices, aux_valid = dead_topk_select(pre, width, live)
         return (
             torch.cat([aux_values, values], dim=1),
             torch.cat([aux_indices, indices], dim=1),
@@ -347,17 +389,16 @@ def _no_dead(inputs: EncoderInputs, dead: Tensor) -> DeadSelection:
     return DeadSelection(x.new_zeros(x.shape[0], 0), empty, dead, inputs)
 
 
-def _encode_padded(
-    inputs: EncoderInputs, select: Callable[[Tensor], Selection], chunk_rows: int | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:class:`TopKEncoder` with a padding selection; also returns the validity mask."""
-    parts: list[Selection] = []
+def _encode_recorded(
+    inputs: EncoderInputs, select: Callable[[Tensor], Any], chunk_rows: int | None
+) -> tuple[Tensor, Tensor, Selection | FlatSelection]:
+    """:class:`TopKEncoder` with ``select``; also returns the selection it made (the chunks'
+    :data:`Selection` joined, or the whole batch's :class:`FlatSelection`)."""
+    parts: list[Any] = []
 
-    def recording(pre: Tensor) -> Selection:
+    def recording(pre: Tensor) -> Any:
         parts.append(select(pre))
         return parts[-1]
 
     values, indices = TopKEncoder.apply(*inputs, recording, None, chunk_rows)
-    valid = concat(parts)[2]
-    assert valid is not None
-    return values, indices, valid
+    return values, indices, parts[0] if isinstance(parts[0], FlatSelection) else concat(parts)

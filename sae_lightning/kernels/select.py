@@ -1,17 +1,20 @@
 """Selections: which pre-activations a sparsity keeps, as ``(values, indices, valid)``.
 
-TopK keeps the ``k`` largest per row (:func:`topk_select`); BatchTopK every entry at or above a
-batch-wide threshold (:func:`batch_topk_select`) and, at inference, above a fixed one
-(:func:`threshold_select`). Rows of a variable number of entries are padded to a common width.
+TopK keeps the ``k`` largest per row (:func:`topk_select`); BatchTopK the ``k x batch`` largest
+of the batch (:func:`batch_topk_select`, a :class:`FlatSelection` of fixed length) and, at
+inference, every entry above a fixed threshold (:func:`threshold_select`, rows padded to the
+widest one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 _BLOCK = 8
 """Entries per block at each level of the hierarchical CPU top-k (``topk_select``)."""
@@ -80,62 +83,147 @@ def topk_selection(k: int) -> Callable[[Tensor], Selection]:
 
 ThresholdFn = Callable[[Tensor], Tensor]
 """Maps the ``(n_keep,)`` largest pre-activations of a batch (any order, the batch's dtype) to
-the selection threshold, a 0-dim tensor (BatchTopK: their minimum over all DDP ranks, in fp32
-or wider). Entries are compared with it under PyTorch's type promotion, as ``x >= t`` is."""
+the selection threshold, a 0-dim tensor (BatchTopK: the ``n_keep``-th largest over all DDP
+ranks, in fp32 or wider). Entries are compared with it under PyTorch's type promotion, as
+``x > t`` is."""
+
+QuotaFn = Callable[[Tensor, Tensor], Tensor]
+"""Maps the number of this batch's entries above the threshold (0-dim long) and the flat bool
+mask of its entries equal to it to how many of those tied entries are kept, the first in
+row-major order (0-dim long, may be negative: none). One process keeps ``n_keep - above``;
+under DDP the ranks before this one in the global batch take theirs first."""
+
+
+class FlatSelection(NamedTuple):
+    """A selection with a variable number of entries per row, as one row-major list of a length
+    fixed in advance (no shape depends on the data, so nothing is read on the host).
+
+    Padded slots are at the end: value 0, latent 0, in the last row, False in ``valid``.
+    """
+
+    values: Tensor
+    """``(capacity,)`` the selected entries."""
+    indices: Tensor
+    """``(capacity,)`` their column (latent) ids."""
+    valid: Tensor
+    """``(capacity,)`` bool: a real entry, not padding."""
+    rows: Tensor
+    """``(capacity,)`` the row of each entry, non-decreasing."""
+    offsets: Tensor
+    """``(batch,)`` the first entry of each row (``F.embedding_bag``'s ``offsets``)."""
 
 
 def batch_topk_select(
-    pre: Tensor, n_keep: int, *, threshold_of: ThresholdFn | None = None, positive: bool = False
-) -> Selection:
-    """BatchTopK: every entry of ``pre`` ``(rows, n)`` at or above a batch-wide threshold.
+    pre: Tensor,
+    n_keep: int,
+    *,
+    threshold_of: ThresholdFn | None = None,
+    quota_of: QuotaFn | None = None,
+) -> FlatSelection:
+    """BatchTopK: the ``n_keep`` largest entries of ``pre`` ``(rows, n)``, over the whole batch.
 
-    The threshold is ``threshold_of(top)`` for ``top`` the ``n_keep`` largest entries of the
-    batch (default: their minimum, so that the ``n_keep`` largest are kept). Entries tied with it
-    are all kept, as the dense rule ``x >= threshold`` keeps them; ``positive`` keeps only
-    entries above zero too (ReLU'd codes). The ``n_keep + 1`` largest entries are found once; if
-    the smallest of them is below the threshold, they hold every entry kept, otherwise ties
-    reach past them and the whole batch is compared with the threshold.
+    The threshold ``t`` is ``threshold_of(top)`` for ``top`` the ``n_keep`` largest entries
+    (default: their minimum). Every entry ``> t`` is kept, and of the entries equal to ``t`` the
+    first ``quota_of(above, tied)`` in row-major order (default: as many as make ``n_keep``), so
+    exactly ``min(n_keep, rows * n)`` entries are kept whatever the ties: the rule of
+    :func:`~sae_lightning.components.sparsity.batchtopk.select_batch_topk`.
 
-    Rows keep a variable number of entries, so they are padded to the widest row: padded slots
-    hold value 0 at latent 0 and are False in ``valid``. On accelerators this reads two numbers
-    from the device at once (one host sync, for the width), more when ties reach past the
-    candidates.
-
-    Args:
-        pre: ``(rows, n)`` pre-activations.
-        n_keep: entries to keep before ties (``k * global batch`` for BatchTopK).
-        threshold_of: computes the threshold from the top values (a collective under DDP).
-        positive: also require entries ``> 0``.
+    The selection has ``min(n_keep, rows * n)`` slots (:class:`FlatSelection`). It costs one
+    top-k over the batch, one comparison of the batch with ``t`` and one fixed-size list of its
+    first tied entries; no value is read on the host.
     """
     rows, n = pre.shape
-    numel = pre.numel()
+    flat_pre = pre.reshape(-1)
+    numel = flat_pre.numel()
     m = min(n_keep, numel)
-    probe = m < numel  # select one more entry than kept: it tells whether ties go further
-    values, flat = topk_select(pre.reshape(1, -1), m + int(probe))  # (1, m [+ 1]) unsorted
+    if m == 0:
+        return _flat(flat_pre, pre.new_zeros(0, dtype=torch.long), rows, n)
+    values, flat = topk_select(flat_pre.view(1, -1), m)  # (1, m), unsorted
     values, flat = values[0], flat[0]
-    # Nothing below waits for the device until the one read of (spill, width).
-    top = values
-    if probe:  # without one smallest entry: the multiset of the m largest
-        skip = torch.arange(m, device=pre.device)
-        top = values[skip + (skip >= values.argmin()).long()]  # a gather, not a boolean mask
-    threshold = top.min() if threshold_of is None else threshold_of(top)
-    admitted = _admitted(values, threshold, positive)  # (m [+ 1],)
-    # Ties reach past the candidates if their smallest is kept: every other entry is <= it.
-    spill = _admitted(values.min(), threshold, positive) if probe else admitted.new_zeros(())
-    row = torch.where(admitted, torch.div(flat, n, rounding_mode="floor"), rows)
-    counts = torch.zeros(rows + 1, dtype=torch.long, device=pre.device)  # bincount would sync
-    counts = counts.index_add_(0, row, torch.ones_like(row))[:rows]  # kept per row
-    ties_beyond, width = torch.stack([spill.long(), counts.max()]).tolist()
-    if ties_beyond:  # ties at the threshold reach past the candidates
-        return threshold_select(pre, threshold, inclusive=True, positive=positive)
-    return _padded(row, flat - row * n, values, counts, rows, max(width, 1))
+    threshold = values.min() if threshold_of is None else threshold_of(values)
+    above = values > threshold  # every entry above the threshold is among the m candidates
+    n_above = above.sum()
+    tied = flat_pre == threshold
+    quota = m - n_above if quota_of is None else quota_of(n_above, tied)
+    first_tied = first_true(tied, m)
+    keep_tied = torch.arange(m, device=pre.device) < quota
+    # Kept entries by flat position, row-major; numel marks a slot left empty.
+    key = torch.cat([flat.masked_fill(~above, numel), first_tied.masked_fill(~keep_tied, numel)])
+    return _flat(flat_pre, key.sort().values[:m], rows, n)
+
+
+def kept_by_position(
+    values: Tensor, indices: Tensor, threshold: Tensor, quota_of: QuotaFn
+) -> Tensor:
+    """``(rows, width)`` bool: which entries of a padded selection of every entry at or above
+    ``threshold`` the BatchTopK rule keeps (:func:`batch_topk_select`): every entry above it,
+    and the first ``quota_of(above, tied)`` equal to it, by row, then latent id."""
+    above = values > threshold
+    tied = values == threshold
+    quota = quota_of(above.sum(), tied)
+    key = torch.where(tied, indices, torch.iinfo(torch.long).max)  # ties first, by latent
+    order = key.argsort(dim=1, stable=True)
+    slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, slots)  # a tie's place in its row
+    per_row = tied.sum(dim=1)
+    before = per_row.cumsum(0) - per_row  # ties in earlier rows
+    return above | (tied & (before.unsqueeze(1) + rank < quota))
+
+
+def rows_of(offsets: Tensor, count: int) -> Tensor:
+    """``(count,)`` the row of each entry of a flat row-major list with row starts ``offsets``."""
+    entries = torch.arange(count, device=offsets.device)
+    return torch.bucketize(entries, offsets, right=True) - 1
+
+
+def pad_rows(values: Tensor, indices: Tensor, rows: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """A flat row-major list ``(values, indices, rows)`` as ``(batch, width)`` codes padded to the
+    widest row (value 0 at latent 0). Zero entries (inactive, padding) are left out; the width
+    is read on the host."""
+    row = torch.where(values != 0, rows, batch)  # batch: the drop row
+    order = row.argsort(stable=True)
+    row, indices, values = row[order], indices[order], values[order]
+    counts = torch.zeros(batch + 1, dtype=torch.long, device=rows.device)
+    counts = counts.index_add_(0, row, torch.ones_like(row))[:batch]
+    width = max(int(counts.max()), 1) if batch else 1
+    out_values, out_indices, _ = _padded(row, indices, values, counts, batch, width)
+    return out_values, out_indices
+
+
+def first_true(mask: Tensor, count: int) -> Tensor:
+    """``(count,)`` positions of the first ``count`` True entries of the flat bool ``mask``, in
+    order; ``mask.numel()`` fills the slots past the last one (a fixed-size ``nonzero``)."""
+    if mask.device.type == "cuda" and not _STATIC_NONZERO_ON_CUDA:
+        return _first_true_by_sort(mask, count)
+    return torch.nonzero_static(mask, size=count, fill_value=mask.numel()).view(-1)
+
+
+def _first_true_by_sort(mask: Tensor, count: int) -> Tensor:
+    """:func:`first_true` by a stable sort (True first, each group in order of position)."""
+    order = torch.argsort(mask.to(torch.int8), descending=True, stable=True)[:count]
+    return torch.where(mask[order], order, mask.numel())
+
+
+_STATIC_NONZERO_ON_CUDA = TorchVersion(torch.__version__) >= "2.6"
+"""``torch.nonzero_static`` runs on CUDA without a host sync from torch 2.6 on."""
+
+
+def _flat(flat_pre: Tensor, key: Tensor, rows: int, n: int) -> FlatSelection:
+    """The :class:`FlatSelection` of the sorted flat positions ``key`` (``rows * n``: empty)."""
+    valid = key < rows * n
+    key = torch.where(valid, key, (rows - 1) * n)  # padding: latent 0 of the last row
+    row = torch.div(key, n, rounding_mode="floor")
+    values = flat_pre.index_select(0, key).masked_fill(~valid, 0.0)
+    offsets = torch.searchsorted(row, torch.arange(rows, device=row.device))
+    return FlatSelection(values, key - row * n, valid, row, offsets)
 
 
 def threshold_select(
     pre: Tensor, threshold: Tensor | float, *, inclusive: bool = False, positive: bool = False
 ) -> Selection:
     """Every entry of ``pre`` ``(rows, n)`` above ``threshold`` (at or above: ``inclusive``),
-    padded to the widest row as :func:`batch_topk_select` pads; ``positive``: also ``> 0``.
+    padded to the widest row (padded slots: value 0 at latent 0, False in ``valid``; the width
+    is read on the host); ``positive``: also ``> 0``.
 
     The comparison follows PyTorch's type promotion (a 0-dim fp32 threshold is compared in
     ``pre``'s dtype), as the dense ``acts > threshold`` does.
@@ -147,12 +235,7 @@ def threshold_select(
     row, col = mask.nonzero(as_tuple=True)  # row-major: sorted by row
     counts = torch.bincount(row, minlength=rows)
     width = max(int(counts.max()), 1)
-    return _padded(row, col, pre[row, col], counts, rows, width, sorted_rows=True)
-
-
-def _admitted(values: Tensor, threshold: Tensor, positive: bool) -> Tensor:
-    keep = values >= threshold
-    return keep & (values > 0) if positive else keep
+    return _padded(row, col, pre[row, col], counts, rows, width)
 
 
 def _padded(
@@ -162,17 +245,11 @@ def _padded(
     counts: Tensor,
     rows: int,
     width: int,
-    *,
-    sorted_rows: bool = False,
 ) -> Selection:
-    """``(rows, width)`` values, ids and validity from entries ``(row, col, values)``.
-
-    Entries with ``row == rows`` are dropped (not admitted); ``counts`` holds the kept entries
-    per row. Slots are filled in the order of the entries within each row.
+    """``(rows, width)`` values, ids and validity from entries ``(row, col, values)`` sorted by
+    row; ``counts`` holds the entries per row, and entries with ``row == rows`` are dropped.
+    Slots are filled in the order of the entries.
     """
-    if not sorted_rows:
-        order = row.argsort(stable=True)
-        row, col, values = row[order], col[order], values[order]
     starts = counts.cumsum(0) - counts  # (rows,) first entry of each row
     starts = torch.cat([starts, starts.new_zeros(1)])  # the drop row
     slot = torch.arange(row.numel(), device=row.device) - starts[row]

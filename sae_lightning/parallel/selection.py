@@ -8,7 +8,9 @@ selection is the one a single process makes on the whole row.
 
 BatchTopK: the threshold is the ``k x global batch``-th largest activation over all latents and
 all rows, so each rank's local top ``k x global batch`` values are gathered over the whole mesh
-(both dimensions), and every rank keeps its own entries ``>=`` the threshold.
+(both dimensions). Every rank keeps its own entries above the threshold and, of those equal to
+it, the ones the rule's quota reaches in the global order (rows of the global batch, then
+global latent ids): one more all-gather, of each rank's counts per row.
 """
 
 from __future__ import annotations
@@ -83,3 +85,40 @@ def batch_topk_threshold(
     top = gathered.topk(n_keep, sorted=False).values
     smallest = torch.where(top > 0, top, torch.full_like(top, torch.inf)).min()
     return top.min(), smallest
+
+
+def batch_topk_keep(
+    acts: Tensor,
+    threshold: Tensor,
+    n_keep: int,
+    layout: ShardLayout,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Which of this shard's entries the BatchTopK rule keeps: every entry above ``threshold``,
+    and of those equal to it the first, in the order of the selecting ranks' global batch (its
+    rows in data-parallel rank order, then global latent ids), as many as make ``n_keep``.
+
+    A collective over ``group`` (as :func:`batch_topk_threshold`): one all-gather of this
+    rank's place in the mesh, its count above the threshold and its ties per row.
+
+    Returns:
+        ``(batch, shard_size)`` bool.
+    """
+    above = acts > threshold
+    tied = acts == threshold
+    place = torch.tensor([layout.dp_rank, layout.tp_rank], device=acts.device)
+    counts = torch.cat([place, above.sum().view(1), tied.sum(dim=1)])
+    dim = "mesh" if group is None else "tp"
+    table = torch.stack(all_gather(counts, group or dist.group.WORLD, dim))
+    dp, tp, per_row = table[:, 0:1], table[:, 1:2], table[:, 3:]  # (ranks, 1), (ranks, batch)
+    quota = n_keep - table[:, 2].sum()
+    same_rows = per_row * (dp == layout.dp_rank)  # ties of the ranks holding these rows
+    in_row = same_rows.sum(dim=0)
+    ahead = (  # ties before this shard's entries of each row, in the global order
+        (per_row * (dp < layout.dp_rank)).sum()
+        + in_row.cumsum(0)
+        - in_row
+        + (same_rows * (tp < layout.tp_rank)).sum(dim=0)
+    )
+    rank = tied.long().cumsum(dim=1) - 1  # a tie's place among its row's ties on this shard
+    return above | (tied & (ahead.unsqueeze(1) + rank < quota))

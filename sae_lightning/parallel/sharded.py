@@ -35,7 +35,7 @@ from sae_lightning.errors import ConfigError
 from sae_lightning.kernels.decode import sparse_decode
 from sae_lightning.parallel.comm import CopyToShards, ReduceFromShards, all_reduce
 from sae_lightning.parallel.mesh import ShardLayout
-from sae_lightning.parallel.selection import batch_topk_threshold, sharded_topk
+from sae_lightning.parallel.selection import batch_topk_keep, batch_topk_threshold, sharded_topk
 from sae_lightning.sae import SparseAutoencoder
 
 SHARDED_PARAMETERS = ("encoder.W_enc", "encoder.b_enc", "decoder.W_dec", "sparsity.log_threshold")
@@ -191,18 +191,20 @@ def _batch_topk(sparsity: BatchTopK, acts: Tensor, layout: ShardLayout, training
     threshold), by the running threshold at inference."""
     k, batch = sparsity.config.k, acts.shape[0]
     if training:
-        threshold, smallest = batch_topk_threshold(acts, k * batch * layout.dp_size)
+        n_keep = k * batch * layout.dp_size
+        threshold, smallest = batch_topk_threshold(acts, n_keep)
         with torch.no_grad():  # the plugin's running-threshold EMA
             old = sparsity.threshold
             ema = torch.where(
                 old < 0, smallest, old + sparsity.config.threshold_momentum * (smallest - old)
             )
             old.copy_(torch.where(torch.isfinite(smallest), ema, old))
-        return acts.masked_fill(acts < threshold, 0.0)
+        return acts.masked_fill(~batch_topk_keep(acts, threshold, n_keep, layout), 0.0)
     if bool(sparsity.threshold >= 0):
         return acts * (acts > sparsity.threshold)
     threshold, _ = batch_topk_threshold(acts, k * batch, group=layout.tp_group)
-    return acts.masked_fill(acts < threshold, 0.0)
+    keep = batch_topk_keep(acts, threshold, k * batch, layout, layout.tp_group)
+    return acts.masked_fill(~keep, 0.0)
 
 
 def sharded_auxk(

@@ -13,7 +13,6 @@ dead latents alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +20,6 @@ from torch import Tensor
 
 from sae_expander.fused import (
     ExpanderInputs,
-    Selection,
     batch_top_values,
     encode_select,
     select_above,
@@ -35,8 +33,14 @@ from sae_lightning.components.base import (
     SparsityOutput,
     data_parallel_world_size,
 )
-from sae_lightning.components.sparsity.batchtopk import BatchTopK, at_least_fp32, batch_threshold
+from sae_lightning.components.sparsity.batchtopk import (
+    BatchTopK,
+    at_least_fp32,
+    batch_quota,
+    batch_threshold,
+)
 from sae_lightning.components.sparsity.topk import TopK
+from sae_lightning.kernels.select import kept_by_position
 
 if TYPE_CHECKING:
     from sae_expander.encoder import ExpanderEncoder
@@ -62,15 +66,17 @@ def fused_sparsify(
         values, indices = encode_select(inputs, select_topk(sparsity.config.k))
         return SparsityOutput(Codes(torch.relu(values), indices, d_sae), {})
     assert isinstance(sparsity, BatchTopK)
-    values, indices = encode_select(inputs, _batch_topk_rule(inputs, sparsity))
+    if not sparsity.training and bool(sparsity.threshold >= 0):
+        values, indices = encode_select(inputs, select_above(sparsity.threshold, inclusive=False))
+    else:
+        values, indices = _batch_topk(inputs, sparsity)
     return SparsityOutput(Codes(torch.relu(values), indices, d_sae), {})
 
 
-def _batch_topk_rule(inputs: ExpanderInputs, sparsity: BatchTopK) -> Callable[[Tensor], Selection]:
-    """BatchTopK's selection (``BatchTopK.forward``); training and before a threshold is
-    measured, a first pass over the batch finds the threshold (and updates the running one)."""
-    if not sparsity.training and bool(sparsity.threshold >= 0):
-        return select_above(sparsity.threshold, inclusive=False)
+def _batch_topk(inputs: ExpanderInputs, sparsity: BatchTopK) -> tuple[Tensor, Tensor]:
+    """BatchTopK's batch rule (``BatchTopK.forward``): a first pass over the batch finds the
+    threshold (and, in training, updates the running one); the second keeps every entry at or
+    above it, then zeroes the ties past the rule's quota (ties go by position)."""
     k, batch = sparsity.config.k, inputs.x.shape[0]
     world = data_parallel_world_size() if sparsity.training else 1
     n_keep = k * batch * world
@@ -78,4 +84,6 @@ def _batch_topk_rule(inputs: ExpanderInputs, sparsity: BatchTopK) -> Callable[[T
     threshold, smallest = batch_threshold(at_least_fp32(torch.relu(top)), n_keep, world)
     if sparsity.training:
         sparsity._update_threshold(smallest)  # the running inference threshold, as forward()
-    return select_above(threshold, inclusive=True)
+    values, indices = encode_select(inputs, select_above(threshold, inclusive=True))
+    kept = kept_by_position(values.detach(), indices, threshold, batch_quota(n_keep, world))
+    return values * kept, indices

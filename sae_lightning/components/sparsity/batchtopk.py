@@ -4,20 +4,26 @@ A variable number of latents is active per row while the average L0 is k in trai
 At inference the batch dependence is replaced by a global threshold: an exponential moving
 average of the smallest selected activation, as SAELens keeps it.
 
-Selection keeps every activation ``>=`` the ``(k x batch)``-th largest one. Ties at that value
-are all kept, so L0 exceeds k by the number of tied entries (none with continuous fp32 inputs;
-at a zero threshold the extra entries are zeros and change nothing). The rule does not depend
-on how the batch is split, which is what makes data parallelism exact: under DDP the batch is
-the GLOBAL one. Each rank takes its local top ``k x global batch`` values, all-gathers them
-(values only, fp32; fp64 for fp64 activations), finds the global threshold and keeps its own
-entries ``>=`` it, so W ranks select exactly what one process selects on the concatenated
-batch, and every rank updates the running threshold identically. This needs equal local batch
-sizes, as Lightning's DDP gives.
+Selection keeps exactly the ``k x batch`` largest activations: every activation above the
+``(k x batch)``-th largest one (the threshold), and of those equal to it, the first in
+row-major order of the batch, as many as make ``k x batch`` (a stable sort's choice; ties are
+rare with continuous inputs, but repeated rows, such as a language model's first token in every
+context, tie whole rows). So the count is fixed, and the fused path's codes have a length known
+in advance: nothing is read on the host in a training step.
+
+The rule does not depend on how the batch is split, which is what makes data parallelism exact:
+under DDP the batch is the GLOBAL one, in rank order. Each rank takes its local top
+``k x global batch`` values, all-gathers them (values only, fp32; fp64 for fp64 activations)
+and finds the global threshold; the ranks then all-gather two counts (entries above it, entries
+equal to it), so each keeps the ties that precede the quota in the global order. W ranks select
+exactly what one process selects on the concatenated batch, and every rank updates the running
+threshold identically. This needs equal local batch sizes, as Lightning's DDP gives.
 
 With a linear encoder the SAE calls :meth:`BatchTopK.fused_encode`: the same rule and the same
-collective on the sparse path of :mod:`sae_lightning.kernels.encode`, whose codes are
-``(index, value)`` pairs padded to the widest row and whose backward touches only the kept
-entries. :meth:`BatchTopK.forward` is the dense path and the reference it is tested against.
+collectives on the sparse path of :mod:`sae_lightning.kernels.encode`, whose codes are flat
+(:attr:`Codes.is_flat`: ``k x batch`` pairs in one row-major list with row offsets) and whose
+backward touches only the kept entries. :meth:`BatchTopK.forward` is the dense path and the
+reference it is tested against.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from sae_lightning.kernels.encode import (
     batch_topk_encode_with_dead,
     threshold_encode,
 )
+from sae_lightning.kernels.select import QuotaFn, first_true
 
 
 class BatchTopKConfig(AuxKConfig):
@@ -87,8 +94,40 @@ def batch_threshold(top: Tensor, n_keep: int, world: int) -> tuple[Tensor, Tenso
     return threshold, smallest
 
 
+def tie_quota(n_above: Tensor, tied: Tensor, n_keep: int, world: int) -> Tensor:
+    """How many of this rank's entries equal to the threshold are kept (the first in row-major
+    order; the ranks before this one in the global batch take theirs first).
+
+    Args:
+        n_above: this rank's entries above the threshold (0-dim).
+        tied: bool mask of this rank's entries equal to the threshold.
+        n_keep: entries kept over the global batch.
+        world: DDP ranks taking part; above 1 this is a collective (every rank must call it):
+            one all-gather of two counts.
+
+    Returns:
+        A 0-dim long, possibly negative (none) or above the number of ties (all).
+    """
+    if world == 1:
+        return n_keep - n_above
+    counts = torch.stack([n_above.long(), tied.sum()])
+    gathered = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(gathered, counts)
+    table = torch.stack(gathered)  # (world, [above, tied])
+    return n_keep - table[:, 0].sum() - table[: dist.get_rank(), 1].sum()
+
+
+def batch_quota(n_keep: int, world: int) -> QuotaFn:
+    """:func:`tie_quota` as a selection's ``quota_of``."""
+
+    def quota_of(n_above: Tensor, tied: Tensor) -> Tensor:
+        return tie_quota(n_above, tied, n_keep, world)
+
+    return quota_of
+
+
 def select_batch_topk(acts: Tensor, k: int, *, across_ranks: bool) -> tuple[Tensor, Tensor]:
-    """Keep the entries of ``acts`` (batch, d_sae) ``>=`` the ``k * batch``-th largest.
+    """Keep the ``k * batch`` largest entries of ``acts`` (batch, d_sae), ties by position.
 
     Args:
         acts: non-negative activations of this rank's rows.
@@ -104,13 +143,21 @@ def select_batch_topk(acts: Tensor, k: int, *, across_ranks: bool) -> tuple[Tens
     world = data_parallel_world_size() if across_ranks else 1
     n_keep = k * acts.shape[0] * world
     flat = acts.detach().reshape(-1)
-    top = at_least_fp32(flat.topk(min(n_keep, flat.numel()), sorted=False).values)
+    m = min(n_keep, flat.numel())
+    top = at_least_fp32(flat.topk(m, sorted=False).values)
     threshold, smallest = batch_threshold(top, n_keep, world)
-    return acts.masked_fill(acts < threshold, 0.0), smallest
+    above = flat > threshold
+    tied = flat == threshold
+    quota = tie_quota(above.sum(), tied, n_keep, world)
+    first = first_true(tied, m)  # the first m ties by position; numel in empty slots
+    first = torch.where(torch.arange(m, device=flat.device) < quota, first, flat.numel())
+    keep = torch.cat([above, above.new_zeros(1)]).index_fill_(0, first, True)[:-1]
+    return acts.masked_fill(~keep.view_as(acts), 0.0), smallest
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
-    """Keep the ``k * batch`` largest entries of ``acts`` (batch, d_sae), zero the rest."""
+    """Keep the ``k * batch`` largest entries of ``acts`` (batch, d_sae) (ties by position),
+    zero the rest."""
     return select_batch_topk(acts, k, across_ranks=False)[0]
 
 
@@ -152,12 +199,14 @@ class BatchTopK(AuxKSparsity[BatchTopKConfig]):
                 latents per row are selected from the same product.
 
         Returns:
-            Sparse codes padded to the widest row (padded slots are zeros at latent 0); the
-            ``aux_source`` is AuxK's selection when it was made, else ``inputs`` (the
-            pre-activations are never materialised).
+            Flat codes (:attr:`Codes.is_flat`) of ``k x batch`` slots, or, with a measured
+            threshold at inference, codes padded to the widest row (padded slots are zeros at
+            latent 0); the ``aux_source`` is AuxK's selection when it was made, else
+            ``inputs`` (the pre-activations are never materialised).
         """
         k, batch = self.config.k, inputs.x.shape[0]
         source: AuxSource = inputs
+        offsets = None
         if self.training:
             world = data_parallel_world_size()
             n_keep = k * batch * world
@@ -167,13 +216,14 @@ class BatchTopK(AuxKSparsity[BatchTopKConfig]):
                 self._update_threshold(smallest)
                 return threshold
 
+            quota_of = batch_quota(n_keep, world)
             if dead is None:
-                values, indices, _ = batch_topk_encode(
-                    inputs, n_keep, threshold_of=threshold_of, positive=True
+                values, indices, offsets = batch_topk_encode(
+                    inputs, n_keep, threshold_of=threshold_of, quota_of=quota_of
                 )
             else:
-                values, indices, _, source = batch_topk_encode_with_dead(
-                    inputs, n_keep, dead, width, threshold_of=threshold_of, positive=True
+                values, indices, offsets, source = batch_topk_encode_with_dead(
+                    inputs, n_keep, dead, width, threshold_of=threshold_of, quota_of=quota_of
                 )
         elif bool(self.threshold >= 0):
             values, indices, _ = threshold_encode(inputs, self.threshold)
@@ -182,10 +232,11 @@ class BatchTopK(AuxKSparsity[BatchTopKConfig]):
             def local_threshold(top: Tensor) -> Tensor:
                 return batch_threshold(at_least_fp32(torch.relu(top)), k * batch, 1)[0]
 
-            values, indices, _ = batch_topk_encode(
-                inputs, k * batch, threshold_of=local_threshold, positive=True
+            values, indices, offsets = batch_topk_encode(
+                inputs, k * batch, threshold_of=local_threshold
             )
-        return SparsityOutput(Codes(torch.relu(values), indices, self.d_sae), {}, source)
+        codes = Codes(torch.relu(values), indices, self.d_sae, offsets)
+        return SparsityOutput(codes, {}, source)
 
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:
