@@ -3,9 +3,9 @@
 Both SAEs train through the real stack (recipe -> registry -> SAEModule -> lightning.Trainer) on
 the same synthetic batches, generated before the fit (so no batch is made while a step runs). A
 callback times each step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
-losses, backward, Adam, decoder constraints, logging). The two SAEs alternate in rounds, so a change in machine load moves both;
-the reported ratio is the median over rounds of (dense step time / expander step time), printed
-last as ``speedup_vs_dense_fused=<ratio>``.
+losses, backward, Adam, decoder constraints, logging). The two SAEs alternate in rounds, so a
+change in machine load moves both; the reported ratio is the median over rounds of (dense step
+time / expander step time), printed last as ``speedup_vs_dense_fused=<ratio>``.
 
     python benchmarks/expander_speed.py        # m=768, n=16384, k=32, d=16, batch 4096, 2 threads
     python benchmarks/expander_speed.py --rounds 5 --threads 2

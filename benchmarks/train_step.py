@@ -340,11 +340,14 @@ def kernel_timings(args: argparse.Namespace, x: Any, rounds: int) -> dict[str, f
         )
         return a @ x
 
+    pair_rows = torch.arange(batch, device=x.device).repeat_interleave(k)  # row of each pair
     fns = {
         "select_torch_topk": lambda: pre.topk(k, dim=1, sorted=False),
         "select_topk_select": lambda: topk_select(pre, k),
         "wgrad_sparse_weight_grad": lambda: sparse_weight_grad(idx, g, x, n),
-        "wgrad_aten_embedding_bag_backward": lambda: _weight_grad_dense_backward(idx, g, x, n),
+        "wgrad_aten_embedding_bag_backward": lambda: _weight_grad_dense_backward(
+            idx.reshape(-1), g.reshape(-1), x, n, pair_rows
+        ),
         "wgrad_sparsify_index_add": sparsify_index_add,
         "wgrad_index_add_by_column": index_add_by_column,
         "wgrad_csr_matmul": csr_matmul,

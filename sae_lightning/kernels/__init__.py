@@ -23,6 +23,7 @@ from sae_lightning.kernels.encode import (
 )
 from sae_lightning.kernels.memory import DEFAULT_CHUNK_BYTES
 from sae_lightning.kernels.select import (
+    FlatSelection,
     batch_topk_select,
     dead_topk_select,
     threshold_select,
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DeadSelection",
     "EncoderInputs",
+    "FlatSelection",
     "SparseDecode",
     "TopKEncoder",
     "batch_topk_encode",
