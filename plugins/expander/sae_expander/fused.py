@@ -12,8 +12,8 @@ row's top-k is exact without merging partial results. The rules are those of the
 - ``batchtopk``: two passes. The first keeps a running top ``k * batch`` of the batch's values
   (the threshold, found by the plugin's own ``batch_threshold``, a collective under DDP); the
   second recomputes each block and keeps its entries at or above the threshold, padded to the
-  widest row as the core pads them; the plugin then zeroes the ties past the rule's quota
-  (ties go by position). At inference a measured threshold needs one pass.
+  widest row (as the core pads a threshold's selection); the plugin then zeroes the ties past
+  the rule's quota (ties go by position). At inference a measured threshold needs one pass.
 
 The encoder's bias rides in the gather as a ``(d + 1)``-th value per latent on a constant-one
 input row, which saves a pass over every block (bit for bit the same sum: the bias is the last
