@@ -18,6 +18,7 @@ from fused_paths import grads, run_both
 from torch.testing import assert_close
 
 from sae_lightning.components.base import Codes
+from sae_lightning.components.decoders.linear import LinearDecoder
 from sae_lightning.components.sparsity import batchtopk
 from sae_lightning.kernels import (
     EncoderInputs,
@@ -352,3 +353,37 @@ def test_fused_and_dense_sync_identically(seed, monkeypatch) -> None:
         assert torch.equal(top_f.sort().values, top_d.sort().values)
         assert top_f.dtype == torch.float32 and top_f.numel() == 2 * K * B
         assert torch.equal(sent[True, rank, "counts"], sent[False, rank, "counts"])
+
+
+# ---- decoders and flat codes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("declares", [False, True])
+def test_a_decoder_that_overrides_decoding_gets_codes_padded_unless_it_takes_flat(
+    declares,
+) -> None:
+    """A decoder overriding ``decode_without_bias`` may not know flat codes: the SAE pads them
+    per row for it, unless it declares ``takes_flat_codes``; the reconstruction is the same."""
+    seen: list[bool] = []
+
+    class Recording(LinearDecoder):
+        takes_flat_codes = declares
+
+        def decode_without_bias(self, codes: Codes) -> torch.Tensor:
+            seen.append(codes.is_flat)
+            return super().decode_without_bias(codes)
+
+    class Plain(LinearDecoder):  # overrides without declaring: padded codes
+        def decode_without_bias(self, codes: Codes) -> torch.Tensor:
+            return super().decode_without_bias(codes)
+
+    assert LinearDecoder.takes_flat_codes and not Plain.takes_flat_codes
+    sae = make_sae("linear", 0)
+    x = torch.randn(B, D_IN)
+    expected = copy.deepcopy(sae).run(x)
+    assert expected.codes.is_flat
+    sae.decoder.__class__ = Recording
+    out = sae.run(x)
+    assert seen == [declares] and out.codes.is_flat == declares
+    close(out.x_hat, expected.x_hat)
+    close(out.codes.dense(), expected.codes.dense())
