@@ -27,9 +27,15 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from sae_lightning.cadence import logs_step
-from sae_lightning.components.base import Codes, DeadLatents, Touched, total_variance_share
+from sae_lightning.components.base import (
+    Codes,
+    DeadLatents,
+    Touched,
+    data_parallel_world_size,
+    total_variance_share,
+)
 from sae_lightning.config import LossConfig, OptimizerConfig, PluginSpec, split_spec, validate_model
-from sae_lightning.counter_bound import CounterBound
+from sae_lightning.counter_bound import CounterBound, keep_counters_out_of_ddp_sync
 from sae_lightning.errors import ConfigError
 from sae_lightning.functional import (
     as_points,
@@ -196,6 +202,7 @@ class SAEModule(pl.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.counter_bound = CounterBound(self.tokens_since_fired)
+        keep_counters_out_of_ddp_sync(self)
         self.dead_key = dead_fraction_key(self.loss_config.dead_window_tokens)
         self.val_fvu = FractionOfVarianceUnexplained(d_in)
         self.val_l0 = MeanMetric()
@@ -289,7 +296,8 @@ class SAEModule(pl.LightningModule):
             codes: this step's codes.
         """
         stats = global_step_statistics(metrics, x, residual, n_samples, codes.fire_counts())
-        self._update_dead_counters(stats.fire_counts, stats.n_samples)
+        on_host = n_samples * data_parallel_world_size()  # DDP: equal batches (checked on reads)
+        self._update_dead_counters(stats.fire_counts, stats.n_samples, on_host)
         return {**stats.metrics, self.dead_key: self.dead_mask().float().mean()}
 
     def log_metrics(self, metrics: dict[str, Tensor]) -> None:
@@ -310,17 +318,21 @@ class SAEModule(pl.LightningModule):
     def refresh_dead_bound(self) -> None:
         """Read the dead-latent counters on the host (on a logging step, where the logger reads
         anyway), so that AuxK's fused selection is as wide as the latents that can be dead."""
-        counters = self.tokens_since_fired
-        if type(counters) is Tensor:  # not sharded: one read, sorted on the device
-            self.counter_bound.refresh(counters, counters.sort().values.tolist())
+        if type(self.tokens_since_fired) is Tensor:  # not sharded
+            self.counter_bound.read(self.tokens_since_fired, self.tokens_seen)
 
     @torch.no_grad()
-    def _update_dead_counters(self, fire_counts: Tensor, n_tokens: int | Tensor) -> None:
+    def _update_dead_counters(
+        self, fire_counts: Tensor, n_tokens: int | Tensor, on_host: int | None = None
+    ) -> None:
+        """Advance the counters by ``n_tokens`` (the step's global token count, on the device
+        under DDP); ``on_host``: the same count as the host knows it, if it does."""
         intact = self.counter_bound.intact(self.tokens_since_fired)
         self.tokens_seen += n_tokens
         fired = fire_counts > 0
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
-        self.counter_bound.advance(self.tokens_since_fired, n_tokens if intact else None)
+        on_host = n_tokens if isinstance(n_tokens, int) else on_host
+        self.counter_bound.advance(self.tokens_since_fired, on_host if intact else None)
 
     @torch.no_grad()
     def resample_latents(

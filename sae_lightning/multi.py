@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from sae_lightning.cadence import logs_step
+from sae_lightning.counter_bound import keep_counters_out_of_ddp_sync
 from sae_lightning.errors import ConfigError
 from sae_lightning.module import (
     CHECKPOINT_KEY,
@@ -95,6 +96,7 @@ class MultiSAEModule(pl.LightningModule):
                 "give every SAE the d_in of the data",
             )
         self.saes = nn.ModuleDict(members)
+        keep_counters_out_of_ddp_sync(self)
         self.names: tuple[str, ...] = tuple(members)
         """Every SAE of the run, in order (under ``distribute``, ``saes`` holds this
         process's)."""

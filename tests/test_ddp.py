@@ -78,6 +78,11 @@ def test_two_ranks_of_half_batch_equal_one_process(two_ranks: Path, case: str) -
     for key in one["state"]:
         if key.endswith("tokens_seen"):
             assert int(rank0["state"][key]) == equivalence.STEPS * equivalence.BATCH
+    # ... and the host bounds how many can be dead as one process does (the global token
+    # count of a step is the rank's own times the ranks), so AuxK selects as few latents.
+    assert rank0["aux_widths"] == rank1["aux_widths"] == one["aux_widths"]
+    if any(w > 0 for w in one["aux_widths"]):  # AuxK ran: first unneeded, then needed
+        assert one["aux_widths"][0] == 0
 
 
 @pytest.mark.parametrize("rank", [0, 1])

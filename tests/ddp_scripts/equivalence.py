@@ -19,6 +19,7 @@ import torch
 
 from sae_lightning.callbacks.resampling import DeadFeatureResampler, DeadFeatureResamplerConfig
 from sae_lightning.data.synthetic import SyntheticConfig, SyntheticDataModule
+from sae_lightning.kernels import DeadSelection
 from sae_lightning.module import SAEModule
 from sae_lightning.multi import MultiSAEModule
 
@@ -138,8 +139,27 @@ def train(name: str, devices: int) -> tuple[pl.LightningModule, DeadFeatureResam
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
+    widths = record_aux_widths(module)
     trainer.fit(module, datamodule=data)
+    module.aux_widths = widths
     return module, resampler, trainer.global_rank
+
+
+def record_aux_widths(module: Any) -> list[int]:
+    """The width of AuxK's selection in each forward pass (0: none can be dead; ``k_aux``
+    when the host cannot bound how many are)."""
+    widths: list[int] = []
+    for member in module.members().values():
+        real = member.sae.run
+
+        def run(x: torch.Tensor, *, _real: Any = real, **kw: Any) -> Any:
+            out = _real(x, **kw)
+            if isinstance(out.aux_source, DeadSelection):
+                widths.append(out.aux_source.values.shape[1])
+            return out
+
+        member.sae.run = run
+    return widths
 
 
 def summary(module: pl.LightningModule, resampler: DeadFeatureResampler | None) -> dict[str, Any]:
@@ -147,6 +167,7 @@ def summary(module: pl.LightningModule, resampler: DeadFeatureResampler | None) 
     return {
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "resampled": resampler.total_resampled if resampler is not None else 0,
+        "aux_widths": module.aux_widths,
     }
 
 
