@@ -90,10 +90,11 @@ def test_a_refresh_checks_the_host_token_count_against_the_device() -> None:
     assert fresh.host_counts_hold
 
 
-def test_the_module_warns_and_stops_using_host_counts_that_were_off() -> None:
+def small_module():
+    """A TopK SAE module with AuxK (4 latents) and a dead window of 40 tokens."""
     from sae_lightning.module import SAEModule
 
-    module = SAEModule(
+    return SAEModule(
         d_in=8,
         d_sae=32,
         encoder={"name": "linear"},
@@ -101,6 +102,10 @@ def test_the_module_warns_and_stops_using_host_counts_that_were_off() -> None:
         sparsity={"name": "topk", "k": 2, "aux_k": 4},
         loss={"dead_window_tokens": 40},
     )
+
+
+def test_the_module_warns_and_stops_using_host_counts_that_were_off() -> None:
+    module = small_module()
     module.compute_step(torch.randn(16, 8), step=0)
     module.tokens_seen += 5  # as if another rank's batch had held 5 more tokens
     with pytest.warns(UserWarning, match="batches of different sizes"):
@@ -111,17 +116,9 @@ def test_the_module_warns_and_stops_using_host_counts_that_were_off() -> None:
 
 def test_the_module_sizes_auxk_by_how_many_latents_can_be_dead() -> None:
     from sae_lightning.kernels import DeadSelection
-    from sae_lightning.module import SAEModule
 
     torch.manual_seed(0)
-    module = SAEModule(
-        d_in=8,
-        d_sae=32,
-        encoder={"name": "linear"},
-        decoder={"name": "linear"},
-        sparsity={"name": "topk", "k": 2, "aux_k": 4},
-        loss={"dead_window_tokens": 40},
-    )
+    module = small_module()
     widths = []
     real = module.sae.run
 
