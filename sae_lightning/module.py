@@ -323,15 +323,14 @@ class SAEModule(pl.LightningModule):
 
     @torch.no_grad()
     def _update_dead_counters(
-        self, fire_counts: Tensor, n_tokens: int | Tensor, on_host: int | None = None
+        self, fire_counts: Tensor, n_tokens: int | Tensor, on_host: int
     ) -> None:
         """Advance the counters by ``n_tokens`` (the step's global token count, on the device
-        under DDP); ``on_host``: the same count as the host knows it, if it does."""
+        under DDP); ``on_host``: the same count as the host knows it."""
         intact = self.counter_bound.intact(self.tokens_since_fired)
         self.tokens_seen += n_tokens
         fired = fire_counts > 0
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
-        on_host = n_tokens if isinstance(n_tokens, int) else on_host
         self.counter_bound.advance(self.tokens_since_fired, on_host if intact else None)
 
     @torch.no_grad()

@@ -125,7 +125,7 @@ def test_topk_encoder_gradcheck_float64_on_a_subset_of_latents() -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
-    "impl", ["sparse_weight_grad", "_weight_grad_dense_backward", "_weight_grad_by_autograd"]
+    "impl", ["sparse_weight_grad", "_weight_grad_dense_backward", "_weight_grad_by_index_add"]
 )
 def test_weight_gradient_implementations_match_dense(seed, impl) -> None:
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_lightning.kernels import memory
-from sae_lightning.kernels.select import rows_of
+from sae_lightning.kernels.select import offsets_of, rows_of
 from sae_lightning.kernels.weight_grad import sparse_weight_grad
 
 
@@ -75,7 +75,7 @@ def sampled_dots(
         k = indices.shape[1]
         rows, offsets = bags.repeat_interleave(k), bags * k
     else:
-        offsets = torch.searchsorted(rows, bags)
+        offsets = offsets_of(rows, batch)
     if grad.device.type != "cuda":
         return torch.ops.aten._embedding_bag_per_sample_weights_backward(
             grad, atoms, flat, offsets, rows, 0, -1

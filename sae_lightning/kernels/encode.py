@@ -37,6 +37,7 @@ from sae_lightning.kernels.select import (
     batch_topk_select,
     concat,
     dead_topk_select,
+    offsets_of,
     threshold_select,
     topk_selection,
 )
@@ -90,10 +91,9 @@ class TopKEncoder(torch.autograd.Function):
     ``indices`` are its flat lists); ``rows`` (optional ``(n,)`` latent ids) restricts the
     product to those latents (AuxK's dead ones); ``chunk_rows`` (None: the whole batch) bounds
     the rows multiplied at once, and must be None for a selection across rows (BatchTopK).
-    ``indices``
-    are global latent ids and carry no gradient; padded slots of ``values`` are 0 and pass no
-    gradient. The gradient of ``shift`` is ``-grad_bias @ weight``, a matrix-vector product,
-    so no per-row input gradient is formed unless ``x`` itself requires one.
+    ``indices`` are global latent ids and carry no gradient; padded slots of ``values`` are 0
+    and pass no gradient. The gradient of ``shift`` is ``-grad_bias @ weight``, a matrix-vector
+    product, so no per-row input gradient is formed unless ``x`` itself requires one.
     """
 
     @staticmethod
@@ -167,9 +167,12 @@ def _gather_rows(
     if rows is None:
         return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
     rows, order = rows.sort(stable=True)
-    offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))
     return F.embedding_bag(
-        indices[order], table, offsets, per_sample_weights=weights[order], mode="sum"
+        indices[order],
+        table,
+        offsets_of(rows, batch),
+        per_sample_weights=weights[order],
+        mode="sum",
     )
 
 

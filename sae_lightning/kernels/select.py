@@ -145,10 +145,8 @@ def batch_topk_select(
     n_above = above.sum()
     tied = flat_pre == threshold
     quota = m - n_above if quota_of is None else quota_of(n_above, tied)
-    first_tied = first_true(tied, m)
-    keep_tied = torch.arange(m, device=pre.device) < quota
     # Kept entries by flat position, row-major; numel marks a slot left empty.
-    key = torch.cat([flat.masked_fill(~above, numel), first_tied.masked_fill(~keep_tied, numel)])
+    key = torch.cat([flat.masked_fill(~above, numel), first_kept(tied, m, quota)])
     return _flat(flat_pre, key.sort().values[:m], rows, n)
 
 
@@ -176,6 +174,12 @@ def rows_of(offsets: Tensor, count: int) -> Tensor:
     return torch.bucketize(entries, offsets, right=True) - 1
 
 
+def offsets_of(rows: Tensor, batch: int) -> Tensor:
+    """``(batch,)`` the first entry of each row of a flat list whose entries' ``rows`` are
+    non-decreasing (the inverse of :func:`rows_of`)."""
+    return torch.searchsorted(rows, torch.arange(batch, device=rows.device))
+
+
 def pad_rows(values: Tensor, indices: Tensor, rows: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """A flat row-major list ``(values, indices, rows)`` as ``(batch, width)`` codes padded to the
     widest row (value 0 at latent 0). Zero entries (inactive, padding) are left out; the width
@@ -198,6 +202,13 @@ def first_true(mask: Tensor, count: int) -> Tensor:
     return torch.nonzero_static(mask, size=count, fill_value=mask.numel()).view(-1)
 
 
+def first_kept(mask: Tensor, count: int, quota: Tensor) -> Tensor:
+    """:func:`first_true`, keeping only the first ``quota`` (0-dim, may be negative) positions:
+    ``mask.numel()`` in every other slot. BatchTopK's tied entries that are kept."""
+    slots = torch.arange(count, device=mask.device)
+    return torch.where(slots < quota, first_true(mask, count), mask.numel())
+
+
 def _first_true_by_sort(mask: Tensor, count: int) -> Tensor:
     """:func:`first_true` by a stable sort (True first, each group in order of position)."""
     order = torch.argsort(mask.to(torch.int8), descending=True, stable=True)[:count]
@@ -214,8 +225,7 @@ def _flat(flat_pre: Tensor, key: Tensor, rows: int, n: int) -> FlatSelection:
     key = torch.where(valid, key, (rows - 1) * n)  # padding: latent 0 of the last row
     row = torch.div(key, n, rounding_mode="floor")
     values = flat_pre.index_select(0, key).masked_fill(~valid, 0.0)
-    offsets = torch.searchsorted(row, torch.arange(rows, device=row.device))
-    return FlatSelection(values, key - row * n, valid, row, offsets)
+    return FlatSelection(values, key - row * n, valid, row, offsets_of(row, rows))
 
 
 def threshold_select(

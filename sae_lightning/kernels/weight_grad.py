@@ -38,7 +38,7 @@ def sparse_weight_grad(
         return _weight_grad_csr(indices, weights, x, num_rows, rows)
     if _DENSE_BACKWARD is not None:
         return _weight_grad_dense_backward(indices, weights, x, num_rows, rows)
-    return _weight_grad_by_autograd(indices, weights, x, num_rows, rows)
+    return _weight_grad_by_index_add(indices, weights, x, num_rows, rows)
 
 
 def _weight_grad_csr(
@@ -78,7 +78,7 @@ def _weight_grad_dense_backward(
     )
 
 
-def _weight_grad_by_autograd(
+def _weight_grad_by_index_add(
     indices: Tensor, weights: Tensor, x: Tensor, num_rows: int, rows: Tensor
 ) -> Tensor:
     grad = torch.zeros(num_rows, x.shape[1], dtype=x.dtype, device=x.device)

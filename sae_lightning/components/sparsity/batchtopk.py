@@ -49,7 +49,7 @@ from sae_lightning.kernels.encode import (
     batch_topk_encode_with_dead,
     threshold_encode,
 )
-from sae_lightning.kernels.select import QuotaFn, first_true
+from sae_lightning.kernels.select import QuotaFn, first_kept
 
 
 class BatchTopKConfig(AuxKConfig):
@@ -149,8 +149,7 @@ def select_batch_topk(acts: Tensor, k: int, *, across_ranks: bool) -> tuple[Tens
     above = flat > threshold
     tied = flat == threshold
     quota = tie_quota(above.sum(), tied, n_keep, world)
-    first = first_true(tied, m)  # the first m ties by position; numel in empty slots
-    first = torch.where(torch.arange(m, device=flat.device) < quota, first, flat.numel())
+    first = first_kept(tied, m, quota)  # the kept ties by position; numel in empty slots
     keep = torch.cat([above, above.new_zeros(1)]).index_fill_(0, first, True)[:-1]
     return acts.masked_fill(~keep.view_as(acts), 0.0), smallest
 
