@@ -24,7 +24,9 @@ class CounterBound:
     Under data parallelism the global token count of a step is summed on the device; the host
     counts it as its own times the ranks (DDP's ranks train on batches of one size), and each
     :meth:`refresh` checks that count against the device's: a difference makes
-    :attr:`host_counts_hold` False for the rest of the run.
+    :attr:`host_counts_hold` False for the rest of the run. That is the one way the bound can
+    err low: ranks with batches of different sizes, on the steps before the refresh that finds
+    them (at most ``log_every_n_steps``).
     """
 
     def __init__(self, counters: Tensor) -> None:
